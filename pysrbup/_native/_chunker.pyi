@@ -1,0 +1,15 @@
+"""Type stub for the compiled chunker; see chunker_pure for documentation."""
+
+from typing import Any
+
+import numpy as np
+
+API_VERSION: int
+DEFAULT_MIN: int
+DEFAULT_AVG: int
+DEFAULT_MAX: int
+MAX_CHUNK_LIMIT: int
+
+def cut_points(
+    gear: np.ndarray, buf: Any, min_size: int, avg_size: int, max_size: int, eof: bool
+) -> list[int]: ...

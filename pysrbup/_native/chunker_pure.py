@@ -1,0 +1,144 @@
+"""Pure-Python twin of the ``_chunker`` extension: FastCDC content-defined chunking.
+
+This is the readable reference the compiled kernel is tested against, and the
+fallback when ``PYSRBUP_PURE_PYTHON=1``. It is slow (a few MB/s): use it for
+tests and debugging, never for real backups.
+
+Algorithm (FastCDC with normalised chunking, level 2):
+
+* The gear hash is ``h = (h << 1) + gear[byte]`` modulo 2**64, reset to 0 at
+  every chunk start. Bit ``i`` of ``h`` depends only on the last ``i + 1``
+  bytes, so the top bits see a 64-byte sliding window; the cut masks select
+  the top bits.
+* The first ``min_size`` bytes of a chunk are skipped (not hashed).
+* Below ``avg_size`` a cut needs ``log2(avg) + 2`` zero top bits (``mask_s``,
+  rarer cuts), from ``avg_size`` on only ``log2(avg) - 2`` (``mask_l``, more
+  frequent), which pulls chunk sizes towards the average.
+* A chunk is cut after the byte whose hash has all mask bits zero, or at
+  ``max_size`` bytes.
+
+Boundaries therefore depend only on the bytes since the chunk start, which
+lets callers feed a stream block by block: keep the bytes after the last
+returned cut point and prepend them to the next block.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+#: Default minimum chunk size (bytes).
+DEFAULT_MIN = 256 * 1024
+#: Default target average chunk size (bytes, a power of two).
+DEFAULT_AVG = 1024 * 1024
+#: Default maximum chunk size (bytes).
+DEFAULT_MAX = 4 * 1024 * 1024
+
+#: Largest accepted ``max_size`` (chunk lengths must fit comfortably in 32 bits).
+MAX_CHUNK_LIMIT = 1 << 30
+
+_NORMALIZATION = 2
+_M64 = (1 << 64) - 1
+
+
+def _top_mask(bits: int) -> int:
+    return ((1 << bits) - 1) << (64 - bits)
+
+
+def _masks(min_size: int, avg_size: int, max_size: int) -> tuple[int, int]:
+    """Validates the size parameters and returns ``(mask_s, mask_l)``."""
+    for name, value in (("min_size", min_size), ("avg_size", avg_size), ("max_size", max_size)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    if not 1 <= min_size < avg_size < max_size <= MAX_CHUNK_LIMIT:
+        raise ValueError(
+            f"chunk sizes must satisfy 1 <= min < avg < max <= {MAX_CHUNK_LIMIT}, "
+            f"got min={min_size} avg={avg_size} max={max_size}"
+        )
+    if avg_size & (avg_size - 1) or avg_size < 64:
+        raise ValueError(f"avg_size must be a power of two >= 64, got {avg_size}")
+    bits = avg_size.bit_length() - 1
+    return _top_mask(bits + _NORMALIZATION), _top_mask(bits - _NORMALIZATION)
+
+
+def _gear_list(gear: Any) -> list[int]:
+    table = np.asarray(gear)
+    if table.dtype != np.uint64 or table.shape != (256,):
+        raise ValueError(
+            f"gear must be a uint64 array of shape (256,), got {table.dtype} {table.shape}"
+        )
+    return [int(x) for x in table]
+
+
+def _as_bytes_view(buf: Any) -> memoryview:
+    view = memoryview(buf)
+    if not view.contiguous:
+        raise BufferError("buf must be a contiguous buffer")
+    return view.cast("B") if view.format != "B" or view.ndim != 1 else view
+
+
+def cut_points(
+    gear: Any, buf: Any, min_size: int, avg_size: int, max_size: int, eof: bool
+) -> list[int]:
+    """Finds the content-defined chunk boundaries in ``buf``.
+
+    Args:
+        gear: The gear table, ``numpy.uint64`` array of shape ``(256,)`` (see
+            :func:`pysrbup._native.gear.gear_table`).
+        buf: Any contiguous buffer (bytes, bytearray, memoryview, mmap,
+            numpy array); it is read in place, never copied.
+        min_size: Minimum chunk length; ``1 <= min_size < avg_size``.
+        avg_size: Target average chunk length, a power of two >= 64.
+        max_size: Maximum chunk length; ``avg_size < max_size <= 2**30``.
+        eof: True when ``buf`` ends the stream. If False, a trailing region
+            without a cut point that is shorter than ``max_size`` is not
+            reported: the caller carries it over into the next call.
+
+    Returns:
+        The end offsets (relative to the start of ``buf``, strictly
+        increasing) of every complete chunk, scanning from offset 0. When
+        ``eof`` is True and ``buf`` is not empty, the last one is ``len(buf)``.
+
+    Raises:
+        ValueError: Invalid sizes or gear table.
+        BufferError: ``buf`` is not contiguous.
+    """
+    mask_s, mask_l = _masks(min_size, avg_size, max_size)
+    g = _gear_list(gear)
+    view = _as_bytes_view(buf)
+    n = len(view)
+    cuts: list[int] = []
+    start = 0
+    while start < n:
+        remaining = n - start
+        if remaining <= min_size:
+            if eof:
+                cuts.append(n)
+            break
+        limit = min(remaining, max_size)
+        normal = min(avg_size, limit)
+        h = 0
+        cut = 0
+        i = start + min_size
+        for byte in view[i : start + normal]:
+            h = ((h << 1) + g[byte]) & _M64
+            i += 1
+            if not h & mask_s:
+                cut = i
+                break
+        if not cut:
+            for byte in view[i : start + limit]:
+                h = ((h << 1) + g[byte]) & _M64
+                i += 1
+                if not h & mask_l:
+                    cut = i
+                    break
+        if not cut:
+            if limit == max_size or eof:
+                cut = start + limit
+            else:
+                break
+        cuts.append(cut)
+        start = cut
+    return cuts
