@@ -1,0 +1,251 @@
+"""``pysrbup-client``: back up, restore, list and delete; generate keys.
+
+The six seed command lines are the contract (see DESIGN.md §1); everything
+else (``--json``, ``--force``, ``--key-file``, environment variables) is
+added around them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+
+from pysrbup.cli.common import report_error, version_text
+from pysrbup.errors import EXIT_OK, IncompleteError, PysrbupError, UsageError
+
+ENV_SERVER = "PYSRBUP_SERVER"
+ENV_KEY_FILE = "PYSRBUP_KEY_FILE"
+DEFAULT_SERVER = "localhost:50000"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pysrbup-client",
+        description="Encrypted, deduplicated backups to a pysrbup server.",
+    )
+    parser.add_argument("--version", action="version", version=version_text("pysrbup-client"))
+    parser.add_argument(
+        "--server-address",
+        default=os.environ.get(ENV_SERVER, DEFAULT_SERVER),
+        help=f"host:port of the server (env {ENV_SERVER}; default {DEFAULT_SERVER})",
+    )
+    parser.add_argument("--num-threads", type=int, default=2, help="worker threads")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    key_help = f"key file (env {ENV_KEY_FILE})"
+    p = sub.add_parser("backup", help="back up a directory")
+    p.add_argument("backup_dir")
+    p.add_argument("key_file", nargs="?", help=key_help)
+
+    p = sub.add_parser("restore", help="restore a backup into a directory")
+    p.add_argument("backup_id")
+    p.add_argument("restore_dir")
+    p.add_argument("key_file", nargs="?", help=key_help)
+    p.add_argument("--force", action="store_true", help="overwrite existing files")
+
+    p = sub.add_parser("delete", help="delete a backup")
+    p.add_argument("backup_id")
+    p.add_argument("key_file", nargs="?", help=key_help)
+
+    p = sub.add_parser("list", help="list backups")
+    p.add_argument("--key-file", help="also decrypt host, path, file count and size")
+
+    p = sub.add_parser("generate_key", help="create a new key")
+    p.add_argument("key_file", nargs="?", help="where to write it (default: print it)")
+    return parser
+
+
+def human_bytes(count: int) -> str:
+    value = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{count} B"
+
+
+def iso_time(ns: int) -> str:
+    stamp = datetime.datetime.fromtimestamp(ns / 1e9, tz=datetime.timezone.utc)
+    return stamp.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _key(path: str | None, needed: bool = True):
+    from pysrbup.crypto.keys import load_key_file
+
+    path = path or os.environ.get(ENV_KEY_FILE)
+    if not path:
+        if needed:
+            raise UsageError(f"no key file given (pass it or set {ENV_KEY_FILE})")
+        return None
+    return load_key_file(path)
+
+
+def _open_repo(args, key):
+    from pysrbup.client.connection import Connection
+    from pysrbup.client.repository import RemoteRepository
+
+    conn = Connection(args.server_address)
+    try:
+        return RemoteRepository(conn, key)
+    except BaseException:
+        conn.close()
+        raise
+
+
+def _emit(args, payload: dict, lines: list[str]) -> None:
+    if args.json:
+        print(json.dumps(payload))
+    else:
+        for line in lines:
+            print(line)
+
+
+def cmd_generate_key(args) -> int:
+    from pysrbup.crypto.keys import MasterKey, write_key_file
+
+    key = MasterKey.generate()
+    if args.key_file:
+        write_key_file(args.key_file, key)
+        _emit(args, {"key_file": args.key_file}, [f"Wrote a new key to {args.key_file}"])
+    elif args.json:
+        print(json.dumps({"key": json.loads(key.dumps())}))
+    else:
+        sys.stdout.write(key.dumps())
+    return EXIT_OK
+
+
+def cmd_backup(args) -> int:
+    from pysrbup.client.backup import Backup
+    from pysrbup.client.progress import Progress
+
+    key = _key(args.key_file)
+    if not os.path.isdir(args.backup_dir):
+        raise UsageError(f"{args.backup_dir} is not a directory")
+    repo = _open_repo(args, key)
+    with repo.conn:
+        result = Backup(repo, args.num_threads, Progress("backup")).run(args.backup_dir)
+    payload = result.as_dict()
+    _emit(
+        args,
+        payload,
+        [
+            f"Files: {result.files}, directories: {result.dirs}",
+            f"Read {human_bytes(result.bytes_read)}, new {human_bytes(result.bytes_new)}, "
+            f"sent {human_bytes(result.bytes_sent)} in {result.duration:.1f} s",
+            f"Completed backup id: {result.backup_id}",
+        ],
+    )
+    if result.errors:
+        print(
+            f"pysrbup-client: warning: {len(result.errors)} file(s) could not be read "
+            "and are not in the backup",
+            file=sys.stderr,
+        )
+        return IncompleteError.exit_code
+    return EXIT_OK
+
+
+def cmd_restore(args) -> int:
+    from pysrbup.client.progress import Progress
+    from pysrbup.client.restore import Restore
+
+    key = _key(args.key_file)
+    repo = _open_repo(args, key)
+    with repo.conn:
+        job = Restore(repo, args.num_threads, force=args.force, progress=Progress("restore"))
+        try:
+            result = job.run(args.backup_id, args.restore_dir)
+        except IncompleteError:
+            if args.json:
+                print(json.dumps(job.result.as_dict()))
+            raise
+    _emit(
+        args,
+        result.as_dict(),
+        [
+            f"Restored backup {result.backup_id} into {result.target}: {result.files} files, "
+            f"{result.dirs} directories, {result.symlinks} symlinks, "
+            f"{human_bytes(result.bytes_written)}"
+        ],
+    )
+    return EXIT_OK
+
+
+def cmd_delete(args) -> int:
+    key = _key(args.key_file)
+    repo = _open_repo(args, key)
+    with repo.conn:
+        info = repo.find_snapshot(args.backup_id)
+        repo.open_snapshot(info)  # the key must open it: never delete blindly
+        repo.delete_snapshot(info.snapshot_id)
+    _emit(args, {"deleted": info.snapshot_id}, [f"Deleted backup {info.snapshot_id}"])
+    return EXIT_OK
+
+
+def cmd_list(args) -> int:
+    key = _key(args.key_file, needed=False) if args.key_file else None
+    repo = _open_repo(args, key)
+    rows = []
+    with repo.conn:
+        for info in repo.snapshots():
+            row = {
+                "id": info.snapshot_id,
+                "time": iso_time(info.created_ns),
+                "stored_bytes": info.stored_bytes,
+            }
+            if key is not None:
+                snap = repo.open_snapshot(info)
+                row.update(
+                    host=snap.hostname,
+                    path=os.fsdecode(snap.source_path),
+                    files=snap.files,
+                    logical_bytes=snap.logical_bytes,
+                )
+            rows.append(row)
+    lines = []
+    for row in rows:
+        line = f"{row['id']}  {row['time']}  {human_bytes(row['stored_bytes']):>10}"
+        if key is not None:
+            line += (
+                f"  {row['host']}  {row['path']}  {row['files']} files  "
+                f"{human_bytes(row['logical_bytes'])}"
+            )
+        lines.append(line)
+    _emit(args, {"backups": rows}, lines)
+    return EXIT_OK
+
+
+COMMANDS = {
+    "backup": cmd_backup,
+    "restore": cmd_restore,
+    "delete": cmd_delete,
+    "list": cmd_list,
+    "generate_key": cmd_generate_key,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.num_threads < 1:
+        print("pysrbup-client: error: --num-threads must be at least 1", file=sys.stderr)
+        return UsageError.exit_code
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print("pysrbup-client: interrupted", file=sys.stderr)
+        return 130
+    except PysrbupError as exc:
+        return report_error("pysrbup-client", exc)
+    except Exception as exc:
+        if os.environ.get("PYSRBUP_DEBUG"):
+            raise
+        return report_error("pysrbup-client", exc)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

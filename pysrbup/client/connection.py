@@ -1,0 +1,150 @@
+"""The client's side of the wire: one gRPC channel and typed calls on it.
+
+Every gRPC failure becomes a ``PysrbupError`` with a one-line message, so
+the rest of the client never sees ``grpc.RpcError``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+
+import grpc
+
+from pysrbup import errors
+from pysrbup._native import framing
+from pysrbup.proto import service_pb2, service_pb2_grpc
+
+MAX_MESSAGE_BYTES = 80 * 1024 * 1024
+CONNECT_TIMEOUT = 10.0
+
+
+def _translate(exc: grpc.RpcError, address: str) -> errors.PysrbupError:
+    code = exc.code() if hasattr(exc, "code") else None
+    details = (exc.details() if hasattr(exc, "details") else "") or ""
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return errors.ServerUnavailableError(
+            f"lost or could not make the connection to the server at {address}"
+        )
+    if code == grpc.StatusCode.NOT_FOUND:
+        return errors.NotFoundError(details)
+    if code == grpc.StatusCode.PERMISSION_DENIED:
+        return errors.PermissionDeniedError(f"server refused: {details}")
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return errors.StorageFullError(f"server: {details}")
+    if code == grpc.StatusCode.CANCELLED:
+        return errors.ServerUnavailableError(f"the request to {address} was cancelled")
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return errors.ServerUnavailableError(f"the server at {address} did not answer in time")
+    return errors.ServerError(f"server error ({code.name if code else 'unknown'}): {details}")
+
+
+class Connection:
+    """A channel to one pysrbup server."""
+
+    def __init__(self, address: str, timeout: float = CONNECT_TIMEOUT):
+        self.address = address
+        self._channel = grpc.insecure_channel(
+            address,
+            options=[
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ],
+        )
+        try:
+            grpc.channel_ready_future(self._channel).result(timeout=timeout)
+        except grpc.FutureTimeoutError:
+            self._channel.close()
+            raise errors.ServerUnavailableError(
+                f"cannot reach the server at {address} (is pysrbup-server running?)"
+            ) from None
+        self._stub = service_pb2_grpc.BackupStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Connection:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _call(self, method: str, request):
+        try:
+            return getattr(self._stub, method)(request)
+        except grpc.RpcError as exc:
+            raise _translate(exc, self.address) from None
+
+    def _stream(self, method: str, request) -> Iterator:
+        try:
+            yield from getattr(self._stub, method)(request)
+        except grpc.RpcError as exc:
+            raise _translate(exc, self.address) from None
+
+    def info(self) -> service_pb2.InfoReply:
+        return self._call("GetInfo", service_pb2.InfoRequest())
+
+    def register_key(self, public_key: bytes) -> bytes:
+        reply = self._call(
+            "RegisterKey", service_pb2.RegisterKeyRequest(auth_public_key=public_key)
+        )
+        return reply.auth_public_key
+
+    def sync_ids(self, after_seq: int) -> Iterator[service_pb2.IdBatch]:
+        return self._stream("SyncIds", service_pb2.SyncRequest(after_seq=after_seq))
+
+    def begin_session(self) -> str:
+        return self._call("BeginSession", service_pb2.BeginSessionRequest()).session_id
+
+    def upload(self, session_id: str, frames: Iterable[bytes]) -> service_pb2.UploadReply:
+        """Streams frames in one call; returns once the server made them durable."""
+
+        def messages():
+            first = True
+            for frame in frames:
+                yield service_pb2.UploadFrame(session_id=session_id if first else "", frame=frame)
+                first = False
+
+        return self._call("Upload", messages())
+
+    def put_session_key(self, key_id: bytes, wrapped: bytes) -> None:
+        self._call("PutSessionKey", service_pb2.SessionKey(key_id=key_id, wrapped=wrapped))
+
+    def session_keys(self) -> dict[bytes, bytes]:
+        return {
+            k.key_id: k.wrapped
+            for k in self._stream("ListSessionKeys", service_pb2.ListSessionKeysRequest())
+        }
+
+    def commit_snapshot(self, session_id: str, snapshot_id: str, record: bytes) -> str:
+        request = service_pb2.CommitSnapshotRequest(
+            session_id=session_id, snapshot_id=snapshot_id, record=record
+        )
+        return self._call("CommitSnapshot", request).snapshot_id
+
+    def end_session(self, session_id: str) -> None:
+        with contextlib.suppress(errors.PysrbupError):
+            self._call("EndSession", service_pb2.EndSessionRequest(session_id=session_id))
+
+    def snapshots(self) -> list[service_pb2.SnapshotInfo]:
+        return list(self._stream("ListSnapshots", service_pb2.ListSnapshotsRequest()))
+
+    def fetch(self, oids: list[bytes]) -> Iterator[tuple[bytes, int, memoryview]]:
+        """Yields (id, status, envelope) for ``oids``, in the server's (pack) order."""
+        request = service_pb2.FetchRequest(ids=b"".join(oids))
+        for reply in self._stream("Fetch", request):
+            try:
+                records = framing.unpack_records(reply.frame)
+            except framing.FrameError as exc:
+                raise errors.IntegrityError(f"the server sent a malformed frame: {exc}") from None
+            for oid, status, payload in records:
+                yield bytes(oid), status, payload
+
+    def challenge(self) -> bytes:
+        return self._call("GetChallenge", service_pb2.ChallengeRequest()).challenge
+
+    def delete_snapshot(self, snapshot_id: str, challenge: bytes, signature: bytes) -> None:
+        request = service_pb2.DeleteSnapshotRequest(
+            snapshot_id=snapshot_id, challenge=challenge, signature=signature
+        )
+        self._call("DeleteSnapshot", request)

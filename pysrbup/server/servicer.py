@@ -1,0 +1,188 @@
+"""The gRPC servicer: decodes requests, calls the repository, encodes replies."""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import grpc
+
+from pysrbup import errors
+from pysrbup._native import framing
+from pysrbup.proto import service_pb2, service_pb2_grpc
+from pysrbup.server.storage import Repository
+
+log = logging.getLogger("pysrbup.server")
+
+ID_SIZE = 32
+SYNC_BATCH = 32768
+FETCH_FRAME_BYTES = 8 * 1024 * 1024
+MAX_FETCH_IDS = 65536
+
+_STATUS = {
+    errors.NotFoundError: grpc.StatusCode.NOT_FOUND,
+    errors.PermissionDeniedError: grpc.StatusCode.PERMISSION_DENIED,
+    errors.StorageFullError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.UsageError: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.RepositoryError: grpc.StatusCode.INTERNAL,
+}
+
+
+def _abort(context: grpc.ServicerContext, exc: Exception) -> None:
+    code = grpc.StatusCode.INTERNAL
+    for kind, status in _STATUS.items():
+        if isinstance(exc, kind):
+            code = status
+            break
+    if isinstance(exc, framing.FrameError):
+        code = grpc.StatusCode.INVALID_ARGUMENT
+    if code == grpc.StatusCode.INTERNAL:
+        log.error("request failed: %s", exc)
+    context.abort(code, str(exc))
+
+
+def _guarded(method):
+    """Turns pysrbup errors into gRPC statuses with their one-line message."""
+
+    @functools.wraps(method)
+    def wrapper(self, request, context):
+        try:
+            return method(self, request, context)
+        except (errors.PysrbupError, framing.FrameError) as exc:
+            _abort(context, exc)
+
+    return wrapper
+
+
+def _guarded_stream(method):
+    @functools.wraps(method)
+    def wrapper(self, request, context):
+        try:
+            yield from method(self, request, context)
+        except (errors.PysrbupError, framing.FrameError) as exc:
+            _abort(context, exc)
+
+    return wrapper
+
+
+def split_ids(blob: bytes) -> list[bytes]:
+    """Splits concatenated 32-byte ids."""
+    if len(blob) % ID_SIZE:
+        raise errors.UsageError("id list length is not a multiple of 32")
+    return [blob[i : i + ID_SIZE] for i in range(0, len(blob), ID_SIZE)]
+
+
+class BackupServicer(service_pb2_grpc.BackupServicer):
+    """Thin translation between the wire protocol and ``Repository``."""
+
+    def __init__(self, repo: Repository):
+        self.repo = repo
+
+    @_guarded
+    def GetInfo(self, request, context):
+        return service_pb2.InfoReply(
+            repo_id=self.repo.repo_id,
+            format_version=1,
+            auth_public_key=self.repo.auth_public_key,
+            append_only=self.repo.append_only,
+            id_log_epoch=self.repo.index.epoch,
+        )
+
+    @_guarded
+    def RegisterKey(self, request, context):
+        key = self.repo.register_key(request.auth_public_key)
+        return service_pb2.RegisterKeyReply(auth_public_key=key)
+
+    @_guarded_stream
+    def SyncIds(self, request, context):
+        after = request.after_seq
+        while True:
+            rows = self.repo.index.ids_after(after, SYNC_BATCH)
+            if not rows:
+                return
+            after = rows[-1][0]
+            yield service_pb2.IdBatch(ids=b"".join(oid for _, oid in rows), last_seq=after)
+
+    @_guarded
+    def BeginSession(self, request, context):
+        return service_pb2.BeginSessionReply(session_id=self.repo.begin_session())
+
+    def Upload(self, request_iterator, context):
+        session_id = ""
+        stored = dropped = stored_bytes = 0
+        try:
+            for message in request_iterator:
+                if message.session_id:
+                    session_id = message.session_id
+                if not session_id:
+                    raise errors.UsageError("upload without a session")
+                records = framing.unpack_records(message.frame)
+                counts = self.repo.append(session_id, records)
+                stored += counts.stored
+                dropped += counts.dropped
+                stored_bytes += counts.bytes_stored
+            if session_id:
+                self.repo.sync(session_id)
+        except (errors.PysrbupError, framing.FrameError) as exc:
+            if session_id:
+                self.repo.rollback(session_id)
+            _abort(context, exc)
+        except Exception:
+            # The client went away mid-stream: nothing unacknowledged is kept.
+            if session_id:
+                self.repo.rollback(session_id)
+            raise
+        return service_pb2.UploadReply(
+            objects_stored=stored, objects_dropped=dropped, bytes_stored=stored_bytes
+        )
+
+    @_guarded
+    def PutSessionKey(self, request, context):
+        self.repo.put_session_key(request.key_id, request.wrapped)
+        return service_pb2.PutSessionKeyReply()
+
+    @_guarded_stream
+    def ListSessionKeys(self, request, context):
+        for key_id, wrapped in self.repo.session_keys():
+            yield service_pb2.SessionKey(key_id=key_id, wrapped=wrapped)
+
+    @_guarded
+    def CommitSnapshot(self, request, context):
+        snapshot_id = self.repo.commit_snapshot(
+            request.session_id, request.snapshot_id, request.record
+        )
+        return service_pb2.CommitSnapshotReply(snapshot_id=snapshot_id)
+
+    @_guarded
+    def EndSession(self, request, context):
+        self.repo.end_session(request.session_id)
+        return service_pb2.EndSessionReply()
+
+    @_guarded_stream
+    def ListSnapshots(self, request, context):
+        yield from self.repo.snapshots()
+
+    @_guarded_stream
+    def Fetch(self, request, context):
+        oids = split_ids(request.ids)
+        if len(oids) > MAX_FETCH_IDS:
+            raise errors.UsageError(f"at most {MAX_FETCH_IDS} ids per fetch")
+        batch: list = []
+        size = 0
+        for record in self.repo.fetch(oids):
+            batch.append(record)
+            size += len(record[2]) + framing.RECORD_OVERHEAD
+            if size >= FETCH_FRAME_BYTES:
+                yield service_pb2.FetchFrame(frame=bytes(framing.pack_records(batch)))
+                batch, size = [], 0
+        if batch:
+            yield service_pb2.FetchFrame(frame=bytes(framing.pack_records(batch)))
+
+    @_guarded
+    def GetChallenge(self, request, context):
+        return service_pb2.ChallengeReply(challenge=self.repo.new_challenge())
+
+    @_guarded
+    def DeleteSnapshot(self, request, context):
+        self.repo.delete_snapshot(request.snapshot_id, request.challenge, request.signature)
+        return service_pb2.DeleteSnapshotReply()
