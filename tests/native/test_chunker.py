@@ -7,12 +7,19 @@ import mmap
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pysrbup._native import _chunker, chunker, chunker_pure
 from pysrbup._native.gear import gear_table
 
+# Two shared cores: keep property tests small and free of deadlines (local, not a
+# global profile, so other test suites keep their own settings).
+SETTINGS = settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 IMPLS = [pytest.param(_chunker, id="native"), pytest.param(chunker_pure, id="pure")]
 SMALL = (2048, 8192, 32768)  # min/avg/max that keep the pure twin fast
 GEAR = gear_table(b"pysrbup test seed")
@@ -199,6 +206,7 @@ def test_streaming_equals_whole(impl, block, sizes, n):
     assert stream_cuts(impl, GEAR, data, block, sizes) == whole
 
 
+@SETTINGS
 @given(
     data=st.binary(min_size=0, max_size=20_000),
     block=st.integers(min_value=1, max_value=5000),

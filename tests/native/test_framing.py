@@ -7,12 +7,19 @@ import struct
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pysrbup._native import _framing, framing, framing_pure
 from pysrbup._native.framing_errors import FrameError
 
+# Two shared cores: keep property tests small and free of deadlines (local, not a
+# global profile, so other test suites keep their own settings).
+SETTINGS = settings(
+    max_examples=200,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 IMPLS = [pytest.param(_framing, id="native"), pytest.param(framing_pure, id="pure")]
 
 
@@ -215,6 +222,7 @@ def test_limits():
             impl.unpack_records(_hdr(0xFFFFFFFF), max_records=1 << 40)
 
 
+@SETTINGS
 @given(st.binary(max_size=400))
 def test_arbitrary_bytes_parse_identically(data):
     assert outcome(_framing, data) == outcome(framing_pure, data)
@@ -246,6 +254,7 @@ def mutated_frames(draw):
     return bytes(frame)
 
 
+@SETTINGS
 @given(mutated_frames(), st.integers(0, 70), st.integers(0, 5))
 def test_mutated_frames_parse_identically(data, max_payload, max_records):
     assert outcome(_framing, data) == outcome(framing_pure, data)
@@ -253,6 +262,7 @@ def test_mutated_frames_parse_identically(data, max_payload, max_records):
     assert outcome(_framing, data, **kwargs) == outcome(framing_pure, data, **kwargs)
 
 
+@SETTINGS
 @given(
     st.lists(
         st.tuples(
