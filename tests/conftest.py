@@ -1,0 +1,165 @@
+"""Shared fixtures: real servers on loopback, real key files, real trees on disk."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def base_env(cache_dir: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYSRBUP_CACHE_DIR"] = cache_dir
+    env.pop("PYSRBUP_SERVER", None)
+    env.pop("PYSRBUP_KEY_FILE", None)
+    return env
+
+
+@dataclass
+class ServerProcess:
+    """A pysrbup-server subprocess on 127.0.0.1."""
+
+    repo: str
+    port: int
+    env: dict
+    log_path: str
+    extra: tuple = ()
+    proc: subprocess.Popen | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the process
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "pysrbup.cli.server",
+                f"--bind-to={self.address}",
+                "--num-threads=2",
+                *self.extra,
+                self.repo,
+            ],
+            env=self.env,
+            stdout=log,
+            stderr=log,
+        )
+        log.close()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {self.log()}")
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2),
+            ):
+                return
+            time.sleep(0.05)
+        raise RuntimeError("server did not start")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def log(self) -> str:
+        with open(self.log_path, errors="replace") as handle:
+            return handle.read()
+
+
+@dataclass
+class Client:
+    """Runs pysrbup-client as a subprocess against one server."""
+
+    address: str
+    env: dict
+
+    def run(self, *args: str, check: bool = False, timeout: float = 300, prefix=(), **kwargs):
+        cmd = [
+            *prefix,
+            sys.executable,
+            "-m",
+            "pysrbup.cli.client",
+            f"--server-address={self.address}",
+            "--num-threads=2",
+            *args,
+        ]
+        kwargs.setdefault("env", self.env)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kwargs)
+        if check and proc.returncode != 0:
+            raise AssertionError(
+                f"{' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+            )
+        return proc
+
+    def backup(self, source: str, key: str) -> str:
+        proc = self.run("backup", source, key, check=True)
+        last = proc.stdout.strip().splitlines()[-1]
+        assert last.startswith("Completed backup id: "), proc.stdout
+        return last.split(": ", 1)[1]
+
+
+@pytest.fixture
+def cache_dir(tmp_path):
+    path = tmp_path / "cache"
+    path.mkdir()
+    return str(path)
+
+
+@pytest.fixture
+def server(tmp_path, cache_dir):
+    srv = ServerProcess(
+        repo=str(tmp_path / "repo"),
+        port=free_port(),
+        env=base_env(cache_dir),
+        log_path=str(tmp_path / "server.log"),
+    )
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def client(server, cache_dir):
+    return Client(server.address, base_env(cache_dir))
+
+
+@pytest.fixture
+def key_file(tmp_path):
+    from pysrbup.crypto.keys import MasterKey, write_key_file
+
+    path = str(tmp_path / "key")
+    write_key_file(path, MasterKey.generate())
+    return path
+
+
+def assert_no_traceback(proc) -> None:
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stdout, proc.stdout

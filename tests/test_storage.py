@@ -1,0 +1,124 @@
+"""The server's storage layer driven directly: packs, index, recovery, durability rules."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from pysrbup.errors import NotFoundError, RepositoryError, UsageError
+from pysrbup.server import packs
+from pysrbup.server.storage import Repository
+
+
+def _oid(i: int) -> bytes:
+    return i.to_bytes(4, "little") * 8
+
+
+def _crash(repo: Repository) -> None:
+    """Drops the repository like a killed process would: no sealing, no clean close."""
+    for session in repo._sessions.values():
+        if session.writer is not None:
+            session.writer.abandon()
+    repo.index.close()
+    os.close(repo._lock_fd)
+
+
+def test_append_sync_fetch_and_dedup(tmp_path):
+    repo = Repository(str(tmp_path / "r"))
+    sid = repo.begin_session()
+    counts = repo.append(sid, [(_oid(i), 0, os.urandom(1000 + i)) for i in range(5)])
+    assert counts.stored == 5
+    again = repo.append(sid, [(_oid(1), 0, b"dup"), (_oid(9), 0, b"new")])
+    assert (again.stored, again.dropped) == (1, 1)
+    repo.sync(sid)
+    assert [oid for _, oid in repo.index.ids_after(0, 100)] == [_oid(i) for i in (0, 1, 2, 3, 4, 9)]
+    fetched = {oid: (status, bytes(data)) for oid, status, data in repo.fetch([_oid(9), _oid(77)])}
+    assert fetched[_oid(9)] == (0, b"new")
+    assert fetched[_oid(77)][0] == 1
+    repo.close()
+
+
+def test_second_session_drops_what_first_committed(tmp_path):
+    repo = Repository(str(tmp_path / "r"))
+    first, second = repo.begin_session(), repo.begin_session()
+    repo.append(first, [(_oid(1), 0, b"a" * 100)])
+    repo.sync(first)
+    counts = repo.append(second, [(_oid(1), 0, b"a" * 100), (_oid(2), 0, b"b" * 100)])
+    assert (counts.stored, counts.dropped) == (1, 1)
+    repo.close()
+
+
+def test_crash_recovery_keeps_intact_records_and_drops_torn_tail(tmp_path):
+    root = str(tmp_path / "r")
+    repo = Repository(root)
+    sid = repo.begin_session()
+    payloads = {_oid(i): os.urandom(5000) for i in range(4)}
+    repo.append(sid, list((oid, 0, p) for oid, p in payloads.items()))
+    repo.sync(sid)
+    pack_path = repo._sessions[sid].writer.path
+    _crash(repo)
+    with open(pack_path, "ab") as handle:  # a record torn by the crash
+        handle.write(packs.RECORD.pack(_oid(99), 5000, 0) + b"partial")
+
+    repo = Repository(root)
+    entries = packs.read_footer(pack_path)
+    assert entries is not None and {e.oid for e in entries} == set(payloads)
+    got = {oid: bytes(data) for oid, status, data in repo.fetch(list(payloads)) if status == 0}
+    assert got == payloads
+    assert not repo.index.contains(_oid(99))
+    repo.close()
+
+
+def test_unsynced_records_are_rolled_back(tmp_path):
+    repo = Repository(str(tmp_path / "r"))
+    sid = repo.begin_session()
+    repo.append(sid, [(_oid(1), 0, b"kept")])
+    repo.sync(sid)
+    repo.append(sid, [(_oid(2), 0, b"dropped")])
+    repo.rollback(sid)
+    repo.sync(sid)
+    assert repo.index.contains(_oid(1)) and not repo.index.contains(_oid(2))
+    repo.close()
+
+
+def test_pack_rotation_seals_full_packs(tmp_path, monkeypatch):
+    monkeypatch.setattr(packs, "TARGET_PACK_SIZE", 64 * 1024)
+    repo = Repository(str(tmp_path / "r"))
+    sid = repo.begin_session()
+    repo.append(sid, [(_oid(i), 0, os.urandom(20_000)) for i in range(10)])
+    repo.end_session(sid)
+    names = [name for _, name, sealed in repo.index.packs() if sealed]
+    assert len(names) >= 3
+    total = sum(len(packs.read_footer(os.path.join(repo.root, n))) for n in names)
+    assert total == 10
+    repo.close()
+
+
+def test_one_server_per_directory(tmp_path):
+    repo = Repository(str(tmp_path / "r"))
+    with pytest.raises(RepositoryError, match="in use by another"):
+        Repository(str(tmp_path / "r"))
+    repo.close()
+
+
+def test_damaged_index_is_refused_with_rebuild_hint(tmp_path):
+    root = str(tmp_path / "r")
+    Repository(root).close()
+    with open(os.path.join(root, "index.sqlite"), "wb") as handle:
+        handle.write(b"this is not sqlite" * 100)
+    with pytest.raises(RepositoryError, match="rebuild-index"):
+        Repository(root)
+
+
+def test_hostile_snapshot_ids_and_sessions(tmp_path):
+    repo = Repository(str(tmp_path / "r"))
+    sid = repo.begin_session()
+    for bad in ("../config", "a" * 17, "", "ABCDEF0123456789"):
+        with pytest.raises(UsageError):
+            repo.commit_snapshot(sid, bad, b"record")
+    with pytest.raises(NotFoundError):
+        repo.append("no-such-session", [])
+    with pytest.raises(NotFoundError):
+        repo.delete_snapshot("../../etc", b"", b"")
+    repo.close()
