@@ -1,0 +1,667 @@
+#!/usr/bin/env python3
+"""End-to-end comparison of pysrbup with restic and BorgBackup on this machine.
+
+Generates a deterministic mixed data set (one third compressible text, one
+third random data, one third a disk-image-like file, plus small files: 10,000
+at the default 976 MB, proportionally fewer for a smaller ``--size``), then
+measures, interleaved in one run so that every tool sees the same machine
+load, for each tool:
+
+1. initial backup,
+2. unchanged re-backup,
+3. backup after a mutation (appends to 1% of files, 100 bytes inserted at the
+   start of the three largest files, deletions, new files worth 20 MB scaled
+   by ``--size``),
+4. full restore of the mutated backup (verified identical to the source),
+
+plus repository size, client CPU and peak RSS (``wait4`` rusage) and server
+CPU and peak RSS (``/proc``, pysrbup only: restic and borg write a local
+repository in-process). The result is a markdown table with ratios against
+restic.
+
+pysrbup runs with a server on loopback. ``--pysrbup NAME=PATH`` (repeatable)
+adds a pysrbup checkout to compare, e.g. a ``git worktree`` of an older
+commit with its native kernels built, so that a change is measured against
+its baseline in the same run. restic and borg are installed from apt when
+missing (``apt-get update`` once, then ``apt-get install -y restic borgbackup``).
+
+    .venv/bin/python bench/compare.py --size 300 --work /tmp/cmp
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MB = 1000 * 1000
+MiB = 1024 * 1024
+PASSWORD = "compare-benchmark-password"
+PHASES = ("initial", "unchanged", "mutated", "restore")
+
+
+# ---- data set -----------------------------------------------------------------
+
+
+def _vocabulary(rng: np.random.Generator) -> list[bytes]:
+    letters = np.frombuffer(b"etaoinshrdlcumwfgypbvkjxqz", dtype=np.uint8)
+    weights = np.linspace(2.0, 0.2, len(letters))
+    weights /= weights.sum()
+    words = []
+    for _ in range(6000):
+        n = int(rng.integers(2, 11))
+        words.append(bytes(rng.choice(letters, n, p=weights)))
+    return words
+
+
+class TextSource:
+    """Deterministic, compressible, never-repeating text (lines of random words)."""
+
+    def __init__(self, seed: int):
+        rng = np.random.default_rng(seed)
+        words = _vocabulary(rng)
+        self.lines = []
+        for i in range(50000):
+            n = int(rng.integers(4, 16))
+            picks = rng.integers(0, len(words), n)
+            line = b" ".join(words[j] for j in picks)
+            self.lines.append(b"%d: " % i + line.capitalize() + b".\n")
+        self.rng = rng
+
+    def make(self, size: int) -> bytes:
+        idx = self.rng.integers(0, len(self.lines), size // 40 + 64)
+        out = b"".join(self.lines[i] for i in idx)
+        while len(out) < size:
+            out += self.make(size - len(out))
+        return out[:size]
+
+
+def _write(path: str, data: bytes) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as handle:
+        handle.write(data)
+
+
+def _disk_image(rng: np.random.Generator, text: TextSource, size: int) -> bytes:
+    """Extents of zeros, repeated blocks, random data and text, like a VM image."""
+    parts: list[bytes] = []
+    total = 0
+    seen: list[bytes] = []
+    while total < size:
+        kind = rng.choice(4, p=[0.25, 0.15, 0.35, 0.25])
+        n = int(rng.integers(64 * 1024, 2 * MiB))
+        if kind == 0:
+            block = bytes(n)
+        elif kind == 1 and seen:
+            block = seen[int(rng.integers(0, len(seen)))]
+        elif kind == 2 or kind == 1:
+            block = rng.bytes(n)
+            if len(seen) < 32:
+                seen.append(block)
+        else:
+            block = text.make(n)
+        parts.append(block)
+        total += len(block)
+    return b"".join(parts)[:size]
+
+
+def generate(root: str, size_mb: int, seed: int = 1) -> dict:
+    """Writes the data set under ``root``; returns a short description."""
+    rng = np.random.default_rng(seed)
+    text = TextSource(seed + 1)
+    total = size_mb * MB
+    third = total // 3
+    n_small = max(300, round(10000 * size_mb / 976))
+    made = 0
+    # text: files of 1-24 MB
+    i = 0
+    while made < third:
+        n = min(int(rng.integers(1 * MB, 24 * MB)), third - made)
+        _write(os.path.join(root, "text", f"doc{i:03d}.txt"), text.make(n))
+        made += n
+        i += 1
+    # random: files of 2-64 MB
+    j = 0
+    while made < 2 * third:
+        n = min(int(rng.integers(2 * MB, 64 * MB)), 2 * third - made)
+        _write(os.path.join(root, "random", f"blob{j:03d}.bin"), rng.bytes(n))
+        made += n
+        j += 1
+    # disk image: one file, minus what the small files take
+    small_sizes = rng.integers(50, 8192, n_small)
+    image = max(MB, total - made - int(small_sizes.sum()))
+    _write(os.path.join(root, "vm", "disk.img"), _disk_image(rng, text, image))
+    made += image
+    for k, n in enumerate(small_sizes):
+        n = int(n)
+        data = text.make(n) if k % 3 else rng.bytes(n)
+        _write(os.path.join(root, "small", f"d{k % 100:02d}", f"f{k:05d}.dat"), data)
+        made += n
+    return {"bytes": made, "small_files": n_small, "text_files": i, "random_files": j}
+
+
+def _all_files(root: str) -> list[str]:
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        found += [os.path.join(dirpath, f) for f in sorted(filenames)]
+    return found
+
+
+def mutate(root: str, size_mb: int, seed: int = 2) -> dict:
+    """Appends, inserts at the start, deletes and adds files (deterministic)."""
+    rng = np.random.default_rng(seed)
+    text = TextSource(seed + 1)
+    files = _all_files(root)
+    appended = rng.choice(len(files), max(1, len(files) // 100), replace=False)
+    for k in appended:
+        with open(files[k], "ab") as handle:
+            handle.write(text.make(int(rng.integers(100, 4096))))
+    largest = sorted(files, key=os.path.getsize)[-3:]
+    for path in largest:
+        with open(path, "rb") as handle:
+            data = handle.read()
+        with open(path, "wb") as handle:
+            handle.write(rng.bytes(100) + data)
+    doomed = [f for f in files if f not in largest]
+    doomed = [doomed[k] for k in rng.choice(len(doomed), max(1, len(files) // 200), replace=False)]
+    for path in doomed:
+        os.unlink(path)
+    new_total = max(2 * MB, 20 * MB * size_mb // 976)
+    made = 0
+    k = 0
+    while made < new_total:
+        n = min(int(rng.integers(100_000, 4 * MB)), new_total - made)
+        data = rng.bytes(n) if k % 2 else text.make(n)
+        _write(os.path.join(root, "new", f"n{k:03d}.dat"), data)
+        made += n
+        k += 1
+    return {"appended": len(appended), "inserted": 3, "deleted": len(doomed), "new_bytes": made}
+
+
+def tree_digest(root: str) -> dict[str, tuple]:
+    """Relative path -> (kind, size, sha256) of every file and directory."""
+    out: dict[str, tuple] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames:
+            out[os.path.relpath(os.path.join(dirpath, name), root)] = ("dir",)
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            st = os.lstat(path)
+            digest = hashlib.sha256()
+            with open(path, "rb") as handle:
+                while block := handle.read(4 * MiB):
+                    digest.update(block)
+            out[os.path.relpath(path, root)] = (
+                "file",
+                st.st_size,
+                stat.S_IMODE(st.st_mode),
+                digest.hexdigest(),
+            )
+    return out
+
+
+# ---- running and measuring ----------------------------------------------------
+
+
+@dataclass
+class Run:
+    seconds: float
+    cpu: float
+    max_rss: int  # bytes
+    server_cpu: float = 0.0
+
+
+#: A tiny process started before the data set is generated runs every measured
+#: command: a child inherits its parent's peak RSS through fork and exec, so
+#: forking the tools from this (large) process would inflate their ru_maxrss.
+RUNNER = r"""
+import json, os, subprocess, sys, time
+for line in sys.stdin:
+    job = json.loads(line)
+    with open(job["out"], "wb") as out, open(job["err"], "wb") as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(job["cmd"], env=job["env"], cwd=job["cwd"], stdout=out, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.perf_counter() - t0
+    print(json.dumps([seconds, os.waitstatus_to_exitcode(status),
+                      usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024]), flush=True)
+"""
+
+
+class Runner:
+    """Runs commands from a small helper process and reports wall, CPU and peak RSS."""
+
+    def __init__(self, scratch: str):
+        self.scratch = scratch
+        self.proc = subprocess.Popen(
+            [sys.executable, "-S", "-c", RUNNER],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+
+    def run(self, cmd: list[str], env: dict | None = None, cwd: str | None = None):
+        """Runs ``cmd``; returns (Run, stdout, stderr). Raises on a non-zero exit."""
+        subprocess.run(["sync"], check=False)
+        out = os.path.join(self.scratch, "cmd.out")
+        err = os.path.join(self.scratch, "cmd.err")
+        job = {"cmd": cmd, "env": env or dict(os.environ), "cwd": cwd, "out": out, "err": err}
+        self.proc.stdin.write(json.dumps(job) + "\n")
+        self.proc.stdin.flush()
+        seconds, code, cpu, rss = json.loads(self.proc.stdout.readline())
+        with open(out, errors="replace") as handle:
+            stdout = handle.read()
+        with open(err, errors="replace") as handle:
+            stderr = handle.read()
+        if code != 0:
+            raise RuntimeError(f"{' '.join(cmd)} exited {code}:\n{stdout}\n{stderr}")
+        return Run(seconds, cpu, rss), stdout, stderr
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
+RUN: Runner | None = None
+
+
+def wait4_run(cmd: list[str], env: dict | None = None, cwd: str | None = None):
+    assert RUN is not None
+    return RUN.run(cmd, env, cwd)
+
+
+def dir_size(path: str) -> int:
+    total = 0
+    for dirpath, _dirs, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+    return total
+
+
+def _proc_cpu(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as handle:
+        fields = handle.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _proc_hwm(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as handle:
+        for line in handle:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Tool:
+    name: str
+    results: dict[str, Run] = field(default_factory=dict)
+    repo_size: int = 0
+    server_hwm: int = 0
+
+    def setup(self) -> None: ...
+    def backup(self, phase: str, data: str) -> Run: ...
+    def restore(self, target: str) -> tuple[Run, str]: ...
+    def close(self) -> None: ...
+
+
+class Pysrbup(Tool):
+    def __init__(self, name: str, checkout: str, work: str, threads: int, python: str):
+        super().__init__(name)
+        self.checkout = checkout
+        self.work = os.path.join(work, name)
+        self.threads = threads
+        self.python = python
+        self.env = dict(os.environ)
+        self.env["PYTHONPATH"] = checkout
+        self.env["PYSRBUP_CACHE_DIR"] = os.path.join(self.work, "cache")
+        self.port = _free_port()
+        self.server: subprocess.Popen | None = None
+        self.last_id = ""
+
+    @property
+    def repo(self) -> str:
+        return os.path.join(self.work, "repo")
+
+    def _client(self, *args: str) -> list[str]:
+        return [
+            self.python,
+            "-m",
+            "pysrbup.cli.client",
+            f"--server-address=127.0.0.1:{self.port}",
+            f"--num-threads={self.threads}",
+            *args,
+        ]
+
+    def setup(self) -> None:
+        os.makedirs(self.work, exist_ok=True)
+        self.key = os.path.join(self.work, "key")
+        subprocess.run(
+            [self.python, "-m", "pysrbup.cli.client", "generate_key", self.key],
+            env=self.env,
+            check=True,
+            capture_output=True,
+        )
+        log = open(os.path.join(self.work, "server.log"), "ab")  # noqa: SIM115
+        self.server = subprocess.Popen(
+            [
+                self.python,
+                "-m",
+                "pysrbup.cli.server",
+                f"--bind-to=127.0.0.1:{self.port}",
+                f"--num-threads={self.threads}",
+                self.repo,
+            ],
+            env=self.env,
+            stdout=log,
+            stderr=log,
+        )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port)):
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"{self.name}: server did not start")
+
+    def _measure(self, cmd: list[str]):
+        pid = self.server.pid
+        with open(f"/proc/{pid}/clear_refs", "w") as handle:  # reset VmHWM
+            handle.write("5")
+        before = _proc_cpu(pid)
+        run, out, err = wait4_run(cmd, env=self.env)
+        run.server_cpu = _proc_cpu(pid) - before
+        self.server_hwm = max(self.server_hwm, _proc_hwm(pid))
+        return run, out, err
+
+    def backup(self, phase: str, data: str) -> Run:
+        run, out, _ = self._measure(self._client("backup", data, self.key))
+        self.last_id = out.strip().splitlines()[-1].split(": ", 1)[1]
+        self.repo_size = dir_size(self.repo)
+        return run
+
+    def restore(self, target: str) -> tuple[Run, str]:
+        run, _, _ = self._measure(self._client("restore", self.last_id, target, self.key))
+        return run, target
+
+    def close(self) -> None:
+        if self.server is not None and self.server.poll() is None:
+            self.server.send_signal(signal.SIGTERM)
+            try:
+                self.server.wait(20)
+            except subprocess.TimeoutExpired:
+                self.server.kill()
+
+
+class Restic(Tool):
+    def __init__(self, work: str):
+        super().__init__("restic")
+        self.work = os.path.join(work, "restic")
+        self.env = dict(os.environ, RESTIC_PASSWORD=PASSWORD)
+        self.env["RESTIC_REPOSITORY"] = os.path.join(self.work, "repo")
+        self.env["RESTIC_CACHE_DIR"] = os.path.join(self.work, "cache")
+
+    def setup(self) -> None:
+        os.makedirs(self.work, exist_ok=True)
+        subprocess.run(["restic", "init"], env=self.env, check=True, capture_output=True)
+
+    def backup(self, phase: str, data: str) -> Run:
+        run, _, _ = wait4_run(["restic", "backup", "--quiet", data], env=self.env)
+        self.repo_size = dir_size(self.env["RESTIC_REPOSITORY"])
+        return run
+
+    def restore(self, target: str) -> tuple[Run, str]:
+        run, _, _ = wait4_run(["restic", "restore", "latest", "--target", target], env=self.env)
+        return run, target
+
+
+class Borg(Tool):
+    def __init__(self, work: str):
+        super().__init__("borg")
+        self.work = os.path.join(work, "borg")
+        self.repo = os.path.join(self.work, "repo")
+        self.env = dict(os.environ, BORG_PASSPHRASE=PASSWORD)
+        self.env["BORG_BASE_DIR"] = os.path.join(self.work, "base")
+        self.env["BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK"] = "yes"
+        self.count = 0
+
+    def setup(self) -> None:
+        os.makedirs(self.work, exist_ok=True)
+        subprocess.run(
+            ["borg", "init", "--encryption=repokey-blake2", self.repo],
+            env=self.env,
+            check=True,
+            capture_output=True,
+        )
+
+    def backup(self, phase: str, data: str) -> Run:
+        self.count += 1
+        self.archive = f"a{self.count}"
+        run, _, _ = wait4_run(
+            ["borg", "create", "--compression", "zstd,3", f"{self.repo}::{self.archive}", data],
+            env=self.env,
+        )
+        self.repo_size = dir_size(self.repo)
+        return run
+
+    def restore(self, target: str) -> tuple[Run, str]:
+        os.makedirs(target, exist_ok=True)
+        run, _, _ = wait4_run(
+            ["borg", "extract", f"{self.repo}::{self.archive}"], env=self.env, cwd=target
+        )
+        return run, target
+
+
+def ensure_installed(tools: list[str]) -> None:
+    missing = [t for t in tools if shutil.which(t) is None]
+    if not missing:
+        return
+    packages = {"restic": "restic", "borg": "borgbackup"}
+    print(f"installing {', '.join(missing)} from apt", file=sys.stderr)
+    subprocess.run(["apt-get", "update"], check=True, capture_output=True)
+    subprocess.run(
+        ["apt-get", "install", "-y", *(packages[t] for t in missing)],
+        check=True,
+        capture_output=True,
+        env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"),
+    )
+
+
+def _version(cmd: list[str]) -> str:
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True).stdout.strip().splitlines()[0]
+    except (OSError, IndexError):
+        return "?"
+
+
+# ---- the report ---------------------------------------------------------------
+
+
+def _fmt_ratio(value: float, base: float | None) -> str:
+    if not base:
+        return ""
+    return f" ({value / base:.2f}x)"
+
+
+def table(tools: list[Tool], data_bytes: int) -> str:
+    ref = next((t for t in tools if t.name == "restic"), None)
+    header = "| metric | " + " | ".join(t.name for t in tools) + " |"
+    lines = [header, "|" + "---|" * (len(tools) + 1)]
+
+    def row(label: str, get, fmt) -> None:
+        cells = []
+        base = get(ref) if ref is not None else None
+        for tool in tools:
+            value = get(tool)
+            cells.append(fmt(value) + (_fmt_ratio(value, base) if tool is not ref else ""))
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+
+    for phase in PHASES:
+        row(f"{phase} (s)", lambda t, p=phase: t.results[p].seconds, lambda v: f"{v:.2f}")
+    for phase in ("initial", "restore"):
+        row(
+            f"{phase} MB/s",
+            lambda t, p=phase: data_bytes / t.results[p].seconds / MB,
+            lambda v: f"{v:.0f}",
+        )
+    row("repository (MB)", lambda t: t.repo_size / MB, lambda v: f"{v:.1f}")
+    for phase in PHASES:
+        row(
+            f"{phase} client CPU (s)",
+            lambda t, p=phase: t.results[p].cpu,
+            lambda v: f"{v:.1f}",
+        )
+    row(
+        "initial server CPU (s)",
+        lambda t: t.results["initial"].server_cpu,
+        lambda v: f"{v:.1f}" if v else "-",
+    )
+    row(
+        "client peak RSS (MiB)",
+        lambda t: max(r.max_rss for r in t.results.values()) / MiB,
+        lambda v: f"{v:.0f}",
+    )
+    lines.append(
+        "| server peak RSS (MiB) | "
+        + " | ".join(f"{t.server_hwm / MiB:.0f}" if t.server_hwm else "-" for t in tools)
+        + " |"
+    )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", type=int, default=976, help="data set size in MB (default 976)")
+    parser.add_argument("--work", default="/tmp/pysrbup-compare", help="scratch directory")
+    parser.add_argument("--threads", type=int, default=2, help="pysrbup --num-threads")
+    parser.add_argument(
+        "--tools", default="pysrbup,restic,borg", help="comma-separated: pysrbup, restic, borg"
+    )
+    parser.add_argument(
+        "--pysrbup",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="an extra pysrbup checkout to compare (e.g. a baseline worktree)",
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the scratch directory")
+    parser.add_argument("--json", help="also write the raw figures to this file")
+    args = parser.parse_args(argv)
+
+    wanted = [t.strip() for t in args.tools.split(",") if t.strip()]
+    ensure_installed([t for t in wanted if t in ("restic", "borg")])
+    if os.path.exists(args.work):
+        shutil.rmtree(args.work)
+    os.makedirs(args.work)
+    data = os.path.join(args.work, "data")
+    global RUN
+    RUN = Runner(args.work)
+    python = sys.executable
+
+    tools: list[Tool] = []
+    for item in args.pysrbup:
+        name, _, path = item.partition("=")
+        tools.append(Pysrbup(name, os.path.abspath(path), args.work, args.threads, python))
+    if "pysrbup" in wanted:
+        tools.append(Pysrbup("pysrbup", ROOT, args.work, args.threads, python))
+    if "restic" in wanted:
+        tools.append(Restic(args.work))
+    if "borg" in wanted:
+        tools.append(Borg(args.work))
+
+    t0 = time.perf_counter()
+    described = generate(data, args.size)
+    print(f"generated {described} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    try:
+        for tool in tools:
+            tool.setup()
+        for phase in ("initial", "unchanged"):
+            for tool in tools:
+                tool.results[phase] = tool.backup(phase, data)
+                print(
+                    f"{phase:10} {tool.name:14} {tool.results[phase].seconds:7.2f} s",
+                    file=sys.stderr,
+                )
+        mutated = mutate(data, args.size)
+        print(f"mutated: {mutated}", file=sys.stderr)
+        for tool in tools:
+            tool.results["mutated"] = tool.backup("mutated", data)
+            print(
+                f"{'mutated':10} {tool.name:14} {tool.results['mutated'].seconds:7.2f} s",
+                file=sys.stderr,
+            )
+        expected = tree_digest(data)
+        for tool in tools:
+            target = os.path.join(args.work, "restore-" + tool.name)
+            run, where = tool.restore(target)
+            tool.results["restore"] = run
+            print(f"{'restore':10} {tool.name:14} {run.seconds:7.2f} s", file=sys.stderr)
+            restored = os.path.join(where, os.path.relpath(data, "/"))
+            if isinstance(tool, Pysrbup):
+                restored = os.path.join(where, "data")
+            if tree_digest(restored) != expected:
+                raise RuntimeError(f"{tool.name}: the restored tree differs from the source")
+            shutil.rmtree(target)
+    finally:
+        for tool in tools:
+            tool.close()
+        RUN.close()
+
+    data_bytes = sum(os.path.getsize(f) for f in _all_files(data))
+    versions = {
+        "restic": _version(["restic", "version"]),
+        "borg": _version(["borg", "--version"]),
+    }
+    print()
+    print(
+        f"Data set: {data_bytes / MB:.0f} MB ({described['small_files']} small files), "
+        f"mutation: {mutated}; {os.cpu_count()} CPUs; --num-threads={args.threads}; "
+        + ", ".join(f"{k}: {v}" for k, v in versions.items() if k in wanted)
+    )
+    print("All restores verified identical to the source. Ratios are against restic.\n")
+    print(table(tools, data_bytes))
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(
+                {
+                    "size_mb": args.size,
+                    "data_bytes": data_bytes,
+                    "tools": {
+                        t.name: {
+                            "repo_size": t.repo_size,
+                            "server_hwm": t.server_hwm,
+                            **{p: vars(r) for p, r in t.results.items()},
+                        }
+                        for t in tools
+                    },
+                },
+                handle,
+                indent=2,
+            )
+    if not args.keep:
+        shutil.rmtree(args.work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
