@@ -69,3 +69,7 @@ class IncompleteError(PysrbupError):
     """The command finished, but some files could not be read or restored."""
 
     exit_code = EXIT_INCOMPLETE
+
+
+class ConflictError(PysrbupError):
+    """A concurrent change got in the way; the request can be retried."""

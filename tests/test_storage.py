@@ -32,7 +32,9 @@ def test_append_sync_fetch_and_dedup(tmp_path):
     again = repo.append(sid, [(_oid(1), 0, b"dup"), (_oid(9), 0, b"new")])
     assert (again.stored, again.dropped) == (1, 1)
     repo.sync(sid)
-    assert [oid for _, oid in repo.index.ids_after(0, 100)] == [_oid(i) for i in (0, 1, 2, 3, 4, 9)]
+    assert [oid for _, oid, _ in repo.index.log_after(0, 100)] == [
+        _oid(i) for i in (0, 1, 2, 3, 4, 9)
+    ]
     fetched = {oid: (status, bytes(data)) for oid, status, data in repo.fetch([_oid(9), _oid(77)])}
     assert fetched[_oid(9)] == (0, b"new")
     assert fetched[_oid(77)][0] == 1
@@ -116,7 +118,7 @@ def test_hostile_snapshot_ids_and_sessions(tmp_path):
     sid = repo.begin_session()
     for bad in ("../config", "a" * 17, "", "ABCDEF0123456789"):
         with pytest.raises(UsageError):
-            repo.commit_snapshot(sid, bad, b"record")
+            repo.commit_snapshot(sid, bad, b"record", 0)
     with pytest.raises(NotFoundError):
         repo.append("no-such-session", [])
     with pytest.raises(NotFoundError):

@@ -14,7 +14,13 @@ import os
 import sys
 
 from pysrbup.cli.common import report_error, version_text
-from pysrbup.errors import EXIT_OK, IncompleteError, PysrbupError, UsageError
+from pysrbup.errors import (
+    EXIT_OK,
+    IncompleteError,
+    PermissionDeniedError,
+    PysrbupError,
+    UsageError,
+)
 
 ENV_SERVER = "PYSRBUP_SERVER"
 ENV_KEY_FILE = "PYSRBUP_KEY_FILE"
@@ -177,13 +183,48 @@ def cmd_restore(args) -> int:
 
 
 def cmd_delete(args) -> int:
+    from pysrbup.client.gc import collect_garbage
+    from pysrbup.errors import NotFoundError
+
     key = _key(args.key_file)
     repo = _open_repo(args, key)
     with repo.conn:
-        info = repo.find_snapshot(args.backup_id)
-        repo.open_snapshot(info)  # the key must open it: never delete blindly
-        repo.delete_snapshot(info.snapshot_id)
-    _emit(args, {"deleted": info.snapshot_id}, [f"Deleted backup {info.snapshot_id}"])
+        if repo.info.append_only:
+            raise PermissionDeniedError("the server is append-only: deleting is refused")
+        try:
+            info = repo.find_snapshot(args.backup_id)
+        except NotFoundError as unknown:
+            # A rerun after an interrupted delete: the record is gone, finish the job.
+            backup_id = args.backup_id.strip().lower()
+            try:
+                already = repo.delete_snapshot(backup_id)
+            except NotFoundError:
+                already = False
+            if not already:
+                raise unknown from None
+        else:
+            backup_id = info.snapshot_id
+            repo.open_snapshot(info)  # the key must open it: never delete blindly
+            repo.delete_snapshot(backup_id)
+        result = collect_garbage(repo)
+    lines = [
+        f"Deleted backup {backup_id}",
+        f"Freed {human_bytes(result.bytes_freed)} ({result.condemned} objects no backup uses)",
+    ]
+    if result.bytes_pending:
+        lines.append(
+            f"{human_bytes(result.bytes_pending)} more will be freed when running backups finish"
+        )
+    _emit(
+        args,
+        {
+            "deleted": backup_id,
+            "objects_condemned": result.condemned,
+            "bytes_freed": result.bytes_freed,
+            "bytes_pending": result.bytes_pending,
+        },
+        lines,
+    )
     return EXIT_OK
 
 

@@ -108,6 +108,9 @@ class Backup:
         self.result = BackupResult()
         self._known: set[bytes] = set()
         self._claimed: set[bytes] = set()
+        # Every id this backup references (uploaded or deduplicated): before the
+        # commit, any of them condemned by a concurrent delete is revived.
+        self._used: set[bytes] = set()
         self._lock = threading.Lock()
         self._gear = chunker.gear_table(self.key.gear_seed)
         self._reader = ChunkReader(self._gear)
@@ -121,6 +124,7 @@ class Backup:
         if oid is None:
             oid = self._sealer.object_id(data)
         with self._lock:
+            self._used.add(oid)
             if oid in self._known or oid in self._claimed:
                 return oid
             self._claimed.add(oid)
@@ -243,10 +247,12 @@ class Backup:
         repo = self.repo
         repo.ensure_registered()
         cache = IdCache(repo.repo_id)
+        # The session begins before the id sync: a delete condemning ids after
+        # this point cannot sweep them until the session ends.
+        session_id = repo.conn.begin_session()
         cache.sync(repo.conn, repo.info.id_log_epoch)
         self._known = cache.ids
         self._sealer = repo.new_session_sealer()
-        session_id = repo.conn.begin_session()
         self._uploader = Uploader(repo.conn, session_id)
         threading.Thread(target=self._count_total, args=(source,), daemon=True).start()
         try:
@@ -274,7 +280,7 @@ class Backup:
                 session_key_id=self._sealer.key_id,
             )
             backup_id, sealed = snapshot.seal_snapshot(self._sealer, record)
-            repo.conn.commit_snapshot(session_id, backup_id, sealed)
+            repo.commit_backup(cache, session_id, backup_id, sealed, self._used)
         except BaseException:
             self._abort(session_id)
             raise

@@ -32,6 +32,8 @@ def _translate(exc: grpc.RpcError, address: str) -> errors.PysrbupError:
         return errors.PermissionDeniedError(f"server refused: {details}")
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         return errors.StorageFullError(f"server: {details}")
+    if code == grpc.StatusCode.ABORTED:
+        return errors.ConflictError(f"server: {details}")
     if code == grpc.StatusCode.CANCELLED:
         return errors.ServerUnavailableError(f"the request to {address} was cancelled")
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
@@ -116,9 +118,11 @@ class Connection:
             for k in self._stream("ListSessionKeys", service_pb2.ListSessionKeysRequest())
         }
 
-    def commit_snapshot(self, session_id: str, snapshot_id: str, record: bytes) -> str:
+    def commit_snapshot(
+        self, session_id: str, snapshot_id: str, record: bytes, checked_seq: int
+    ) -> str:
         request = service_pb2.CommitSnapshotRequest(
-            session_id=session_id, snapshot_id=snapshot_id, record=record
+            session_id=session_id, snapshot_id=snapshot_id, record=record, checked_seq=checked_seq
         )
         return self._call("CommitSnapshot", request).snapshot_id
 
@@ -143,8 +147,25 @@ class Connection:
     def challenge(self) -> bytes:
         return self._call("GetChallenge", service_pb2.ChallengeRequest()).challenge
 
-    def delete_snapshot(self, snapshot_id: str, challenge: bytes, signature: bytes) -> None:
+    def delete_snapshot(self, snapshot_id: str, challenge: bytes, signature: bytes) -> bool:
+        """Deletes a snapshot record; True if it had been deleted before."""
         request = service_pb2.DeleteSnapshotRequest(
             snapshot_id=snapshot_id, challenge=challenge, signature=signature
         )
-        self._call("DeleteSnapshot", request)
+        return self._call("DeleteSnapshot", request).already_deleted
+
+    def condemn(
+        self, ids: bytes, generation: int, challenge: bytes, signature: bytes
+    ) -> service_pb2.CondemnReply:
+        request = service_pb2.CondemnRequest(
+            ids=ids, snapshot_generation=generation, challenge=challenge, signature=signature
+        )
+        return self._call("Condemn", request)
+
+    def revive(self, session_id: str, oids: list[bytes]) -> list[bytes]:
+        """Revives condemned ids; returns those already gone."""
+        reply = self._call(
+            "Revive", service_pb2.ReviveRequest(session_id=session_id, ids=b"".join(oids))
+        )
+        blob = reply.missing
+        return [blob[i : i + 32] for i in range(0, len(blob), 32)]

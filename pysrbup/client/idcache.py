@@ -21,6 +21,7 @@ from pysrbup.client.cache import repo_cache_dir
 from pysrbup.client.connection import Connection
 
 ID_SIZE = 32
+OP_CONDEMN = 1
 
 
 class IdCache:
@@ -68,28 +69,43 @@ class IdCache:
             )
         os.replace(tmp, self._state_path)
 
-    def sync(self, conn: Connection, epoch: int) -> int:
-        """Brings the set up to date with the server's id log; returns ids fetched."""
+    def sync(self, conn: Connection, epoch: int) -> list[bytes]:
+        """Brings the set up to date with the server's id log.
+
+        Returns the ids condemned (garbage-collected) in the part of the log
+        read now, so a running backup can revive the ones it relies on.
+        """
+        condemned: list[bytes] = []
         with open(os.path.join(self.folder, "lock"), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             self._load()
             if self.epoch != epoch:
                 self._reset()
                 self.epoch = epoch
-            fetched = 0
+            rewrite = False
             with open(self._ids_path, "r+b") as handle:
                 handle.truncate(len(self.ids) * ID_SIZE)
                 handle.seek(0, os.SEEK_END)
                 for batch in conn.sync_ids(self.last_seq):
-                    blob = batch.ids
-                    fresh = [
-                        blob[i : i + ID_SIZE]
-                        for i in range(0, len(blob), ID_SIZE)
-                        if blob[i : i + ID_SIZE] not in self.ids
-                    ]
-                    handle.write(b"".join(fresh))
-                    self.ids.update(fresh)
+                    blob, ops = batch.ids, batch.ops
+                    fresh = []
+                    for n in range(len(blob) // ID_SIZE):
+                        oid = blob[n * ID_SIZE : (n + 1) * ID_SIZE]
+                        if n < len(ops) and ops[n] == OP_CONDEMN:
+                            condemned.append(oid)
+                            if oid in self.ids:
+                                self.ids.discard(oid)
+                                rewrite = True
+                        elif oid not in self.ids:
+                            self.ids.add(oid)
+                            fresh.append(oid)
+                    if not rewrite:
+                        handle.write(b"".join(fresh))
                     self.last_seq = batch.last_seq
-                    fetched += len(blob) // ID_SIZE
+            if rewrite:  # removals are rare (after a delete): write the whole set anew
+                tmp = self._ids_path + ".tmp"
+                with open(tmp, "wb") as handle:
+                    handle.write(b"".join(self.ids))
+                os.replace(tmp, self._ids_path)
             self._save_state()
-        return fetched
+        return condemned

@@ -5,13 +5,15 @@ from __future__ import annotations
 import os
 
 from pysrbup.client.connection import Connection
+from pysrbup.client.idcache import IdCache
 from pysrbup.crypto.keys import MasterKey
-from pysrbup.errors import NotFoundError, UsageError, WrongKeyError
+from pysrbup.errors import ConflictError, NotFoundError, UsageError, WrongKeyError
 from pysrbup.proto import repo_pb2, service_pb2
 from pysrbup.repo import envelope, snapshot
-from pysrbup.repo.auth import delete_message
+from pysrbup.repo.auth import condemn_message, delete_message
 
 KEY_ID_SIZE = envelope.KEY_ID_SIZE
+COMMIT_ATTEMPTS = 10
 
 
 class RemoteRepository:
@@ -87,9 +89,39 @@ class RemoteRepository:
     def open_snapshot(self, info: service_pb2.SnapshotInfo) -> repo_pb2.Snapshot:
         return snapshot.open_snapshot(self.opener, info.snapshot_id, info.record)
 
-    def delete_snapshot(self, snapshot_id: str) -> None:
-        """Deletes a snapshot record, proving knowledge of the key."""
+    def delete_snapshot(self, snapshot_id: str) -> bool:
+        """Deletes a snapshot record, proving knowledge of the key; True if already gone."""
         key = self._require_key()
         challenge = self.conn.challenge()
         signature = key.auth_key.sign(delete_message(self.repo_id, challenge, snapshot_id))
-        self.conn.delete_snapshot(snapshot_id, challenge, signature)
+        return self.conn.delete_snapshot(snapshot_id, challenge, signature)
+
+    def condemn(self, oids: list[bytes], generation: int) -> service_pb2.CondemnReply:
+        """Asks the server to condemn ``oids`` as garbage, proving knowledge of the key."""
+        key = self._require_key()
+        blob = b"".join(sorted(oids))
+        challenge = self.conn.challenge()
+        signature = key.auth_key.sign(condemn_message(self.repo_id, challenge, generation, blob))
+        return self.conn.condemn(blob, generation, challenge, signature)
+
+    def commit_backup(
+        self, cache: IdCache, session_id: str, backup_id: str, record: bytes, used: set[bytes]
+    ) -> None:
+        """Commits a snapshot after reviving anything it uses that a delete condemned.
+
+        The server refuses the commit if anything was condemned after the
+        id-log position we checked, so the check and the commit cannot race.
+        """
+        for _ in range(COMMIT_ATTEMPTS):
+            condemned = cache.sync(self.conn, self.info.id_log_epoch)
+            relied = [oid for oid in condemned if oid in used]
+            if relied and self.conn.revive(session_id, relied):
+                raise ConflictError(
+                    "a concurrent delete removed data this backup relies on; run the backup again"
+                )
+            try:
+                self.conn.commit_snapshot(session_id, backup_id, record, cache.last_seq)
+                return
+            except ConflictError:
+                continue
+        raise ConflictError("the repository kept changing during the commit; run the backup again")

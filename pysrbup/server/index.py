@@ -1,9 +1,14 @@
-"""The SQLite index: object id -> (pack, offset, length), plus the id log.
+"""The SQLite index: object id -> (pack, offset, length), the id log, condemnations.
 
-The ``seq`` column doubles as the append-only id log clients sync from:
-ids are only ever added with a larger seq. The index can always be rebuilt
-from the packs' footers; ``epoch`` changes when it is, so clients know to
-resync from scratch.
+``idlog`` is the append-only log clients sync their id cache from: every
+object that becomes present is logged with op 0, every condemnation with
+op 1, and a revival with op 0 again. ``objects.condemned`` is 0 for a live
+object; otherwise it is 1 + the number of the newest session that had begun
+when it was condemned (sessions up to that number may still rely on it), and
+the row is swept once every such session has ended.
+
+The index can always be rebuilt from the packs' footers; ``epoch`` changes
+when it is, so clients know to resync from scratch.
 """
 
 from __future__ import annotations
@@ -11,10 +16,13 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 
 from pysrbup.errors import RepositoryError
-from pysrbup.server.packs import Entry
+from pysrbup.server.packs import RECORD, Entry
+
+OP_ADD = 0
+OP_CONDEMN = 1
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS packs (
@@ -23,17 +31,25 @@ CREATE TABLE IF NOT EXISTS packs (
     sealed INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS objects (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    id BLOB NOT NULL UNIQUE,
-    pack INTEGER NOT NULL REFERENCES packs(pack),
+    id BLOB PRIMARY KEY,
+    pack INTEGER NOT NULL,
     offset INTEGER NOT NULL,
-    length INTEGER NOT NULL
+    length INTEGER NOT NULL,
+    condemned INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS objects_by_pack ON objects(pack);
+CREATE TABLE IF NOT EXISTS idlog (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id BLOB NOT NULL,
+    op INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS meta (
     key TEXT PRIMARY KEY,
     value BLOB NOT NULL
 );
 """
+
+_DAMAGED = "the index {path} is damaged ({why}); run pysrbup-server --rebuild-index"
 
 
 class Index:
@@ -48,20 +64,29 @@ class Index:
             self._db.executescript(SCHEMA)
             check = self._db.execute("PRAGMA quick_check").fetchone()[0]
         except sqlite3.DatabaseError as exc:
-            raise RepositoryError(
-                f"the index {path} is damaged ({exc}); run pysrbup-server --rebuild-index"
-            ) from None
+            raise RepositoryError(_DAMAGED.format(path=path, why=exc)) from None
         if check != "ok":
-            raise RepositoryError(
-                f"the index {path} is damaged ({check}); run pysrbup-server --rebuild-index"
-            )
-        self._lock = threading.Lock()
+            raise RepositoryError(_DAMAGED.format(path=path, why=check))
+        self._lock = threading.RLock()
         if self.get_meta("epoch") is None:
             self.set_meta("epoch", os.urandom(8))
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+    def _transaction(self, work):
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                result = work(self._db)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            return result
+
+    # ---- meta ------------------------------------------------------------
 
     def get_meta(self, key: str) -> bytes | None:
         with self._lock:
@@ -76,6 +101,18 @@ class Index:
     def epoch(self) -> int:
         return int.from_bytes(self.get_meta("epoch") or b"\0", "little")
 
+    def bump_counter(self, key: str) -> int:
+        """Increments and returns a persistent counter."""
+        with self._lock:
+            value = int.from_bytes(self.get_meta(key) or b"\0", "little") + 1
+            self.set_meta(key, value.to_bytes(8, "little"))
+            return value
+
+    def counter(self, key: str) -> int:
+        return int.from_bytes(self.get_meta(key) or b"\0", "little")
+
+    # ---- packs -----------------------------------------------------------
+
     def add_pack(self, name: str) -> int:
         """Registers a new pack file and returns its number."""
         with self._lock:
@@ -86,32 +123,82 @@ class Index:
         with self._lock:
             self._db.execute("UPDATE packs SET sealed=1 WHERE pack=?", (pack,))
 
+    def remove_pack(self, pack: int) -> bool:
+        """Forgets a pack that no object points into any more; False if one still does."""
+
+        def work(db):
+            if db.execute("SELECT 1 FROM objects WHERE pack=? LIMIT 1", (pack,)).fetchone():
+                return False
+            db.execute("DELETE FROM packs WHERE pack=?", (pack,))
+            return True
+
+        return self._transaction(work)
+
     def packs(self) -> list[tuple[int, str, bool]]:
         with self._lock:
             rows = self._db.execute("SELECT pack, name, sealed FROM packs ORDER BY pack").fetchall()
         return [(int(p), str(n), bool(s)) for p, n, s in rows]
 
-    def add_objects(self, pack: int, entries: Iterable[Entry]) -> int:
-        """Adds entries in one transaction; ids already indexed are kept as they are."""
-        rows = [(e.oid, pack, e.offset, e.length) for e in entries]
+    def pack_usage(self) -> dict[int, tuple[int, int]]:
+        """Per pack: (object count, bytes its records take including headers)."""
         with self._lock:
-            before = self._db.total_changes
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                self._db.executemany(
+            rows = self._db.execute(
+                "SELECT pack, COUNT(*), SUM(length) FROM objects GROUP BY pack"
+            ).fetchall()
+        return {int(p): (int(c), int(s) + int(c) * RECORD.size) for p, c, s in rows}
+
+    def pack_objects(self, pack: int) -> list[Entry]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, offset, length FROM objects WHERE pack=? ORDER BY offset", (pack,)
+            ).fetchall()
+        return [Entry(bytes(i), int(o), int(n)) for i, o, n in rows]
+
+    def move_objects(self, old_pack: int, new_pack: int, entries: Iterable[Entry]) -> None:
+        """Points objects copied by compaction at their new pack, in one transaction."""
+        rows = [(new_pack, e.offset, e.length, e.oid, old_pack) for e in entries]
+
+        def work(db):
+            db.executemany(
+                "UPDATE objects SET pack=?, offset=?, length=? WHERE id=? AND pack=?", rows
+            )
+
+        self._transaction(work)
+
+    # ---- objects -----------------------------------------------------------
+
+    def add_objects(self, pack: int, entries: Iterable[Entry]) -> int:
+        """Adds entries in one transaction and logs them; known ids are kept as they are."""
+        entries = list(entries)
+
+        def work(db):
+            added = 0
+            for e in entries:
+                cur = db.execute(
                     "INSERT OR IGNORE INTO objects(id, pack, offset, length) VALUES (?,?,?,?)",
-                    rows,
+                    (e.oid, pack, e.offset, e.length),
                 )
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            return self._db.total_changes - before
+                if cur.rowcount:
+                    db.execute("INSERT INTO idlog(id, op) VALUES (?, ?)", (e.oid, OP_ADD))
+                    added += 1
+            return added
+
+        return self._transaction(work)
 
     def contains(self, oid: bytes) -> bool:
         with self._lock:
             row = self._db.execute("SELECT 1 FROM objects WHERE id=?", (oid,)).fetchone()
         return row is not None
+
+    def present_reviving(self, oid: bytes) -> bool:
+        """True if ``oid`` is stored; a condemned copy is revived (someone relies on it)."""
+        with self._lock:
+            row = self._db.execute("SELECT condemned FROM objects WHERE id=?", (oid,)).fetchone()
+            if row is None:
+                return False
+            if row[0]:
+                self.revive([oid])
+            return True
 
     def lookup_many(self, oids: list[bytes]) -> dict[bytes, tuple[int, int, int]]:
         """Maps each known id to (pack, offset, length)."""
@@ -126,19 +213,78 @@ class Index:
                     found[bytes(oid)] = (int(pack), int(offset), int(length))
         return found
 
-    def ids_after(self, seq: int, limit: int) -> list[tuple[int, bytes]]:
-        """Up to ``limit`` (seq, id) pairs of the id log after ``seq``."""
+    def log_after(self, seq: int, limit: int) -> list[tuple[int, bytes, int]]:
+        """Up to ``limit`` (seq, id, op) entries of the id log after ``seq``."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT seq, id FROM objects WHERE seq > ? ORDER BY seq LIMIT ?", (seq, limit)
+                "SELECT seq, id, op FROM idlog WHERE seq > ? ORDER BY seq LIMIT ?", (seq, limit)
             ).fetchall()
-        return [(int(s), bytes(i)) for s, i in rows]
+        return [(int(s), bytes(i), int(o)) for s, i, o in rows]
 
-    def iter_ids(self) -> Iterator[bytes]:
+    def condemned_after(self, seq: int) -> bool:
+        """Whether anything was condemned after log position ``seq``."""
         with self._lock:
-            rows = self._db.execute("SELECT id FROM objects ORDER BY seq").fetchall()
-        for (oid,) in rows:
-            yield bytes(oid)
+            row = self._db.execute(
+                "SELECT 1 FROM idlog WHERE seq > ? AND op = ? LIMIT 1", (seq, OP_CONDEMN)
+            ).fetchone()
+        return row is not None
+
+    def condemn(self, oids: list[bytes], watermark: int) -> tuple[int, int]:
+        """Condemns live objects among ``oids``; returns (count, bytes)."""
+
+        def work(db):
+            count = total = 0
+            for oid in oids:
+                row = db.execute(
+                    "SELECT length FROM objects WHERE id=? AND condemned=0", (oid,)
+                ).fetchone()
+                if row is None:
+                    continue
+                db.execute("UPDATE objects SET condemned=? WHERE id=?", (watermark + 1, oid))
+                db.execute("INSERT INTO idlog(id, op) VALUES (?, ?)", (oid, OP_CONDEMN))
+                count += 1
+                total += int(row[0]) + RECORD.size
+            return count, total
+
+        return self._transaction(work)
+
+    def revive(self, oids: list[bytes]) -> list[bytes]:
+        """Takes ``oids`` back from condemnation; returns those no longer stored."""
+
+        def work(db):
+            missing = []
+            for oid in oids:
+                row = db.execute("SELECT condemned FROM objects WHERE id=?", (oid,)).fetchone()
+                if row is None:
+                    missing.append(oid)
+                elif row[0]:
+                    db.execute("UPDATE objects SET condemned=0 WHERE id=?", (oid,))
+                    db.execute("INSERT INTO idlog(id, op) VALUES (?, ?)", (oid, OP_ADD))
+            return missing
+
+        return self._transaction(work)
+
+    def sweep(self, oldest_active_session: int | None) -> int:
+        """Deletes condemned rows no running session can rely on; returns how many."""
+
+        def work(db):
+            if oldest_active_session is None:
+                cur = db.execute("DELETE FROM objects WHERE condemned != 0")
+            else:
+                cur = db.execute(
+                    "DELETE FROM objects WHERE condemned != 0 AND condemned <= ?",
+                    (oldest_active_session,),
+                )
+            return cur.rowcount
+
+        return self._transaction(work)
+
+    def pending_condemned_bytes(self) -> int:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT SUM(length), COUNT(*) FROM objects WHERE condemned != 0"
+            ).fetchone()
+        return int(row[0] or 0) + int(row[1]) * RECORD.size
 
     def stats(self) -> tuple[int, int]:
         """(object count, payload bytes)."""

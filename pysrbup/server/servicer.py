@@ -25,6 +25,7 @@ _STATUS = {
     errors.StorageFullError: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.UsageError: grpc.StatusCode.INVALID_ARGUMENT,
     errors.RepositoryError: grpc.StatusCode.INTERNAL,
+    errors.ConflictError: grpc.StatusCode.ABORTED,
 }
 
 
@@ -86,6 +87,7 @@ class BackupServicer(service_pb2_grpc.BackupServicer):
             auth_public_key=self.repo.auth_public_key,
             append_only=self.repo.append_only,
             id_log_epoch=self.repo.index.epoch,
+            snapshot_generation=self.repo.generation,
         )
 
     @_guarded
@@ -97,11 +99,15 @@ class BackupServicer(service_pb2_grpc.BackupServicer):
     def SyncIds(self, request, context):
         after = request.after_seq
         while True:
-            rows = self.repo.index.ids_after(after, SYNC_BATCH)
+            rows = self.repo.index.log_after(after, SYNC_BATCH)
             if not rows:
                 return
             after = rows[-1][0]
-            yield service_pb2.IdBatch(ids=b"".join(oid for _, oid in rows), last_seq=after)
+            yield service_pb2.IdBatch(
+                ids=b"".join(oid for _, oid, _ in rows),
+                ops=bytes(op for _, _, op in rows),
+                last_seq=after,
+            )
 
     @_guarded
     def BeginSession(self, request, context):
@@ -149,7 +155,7 @@ class BackupServicer(service_pb2_grpc.BackupServicer):
     @_guarded
     def CommitSnapshot(self, request, context):
         snapshot_id = self.repo.commit_snapshot(
-            request.session_id, request.snapshot_id, request.record
+            request.session_id, request.snapshot_id, request.record, request.checked_seq
         )
         return service_pb2.CommitSnapshotReply(snapshot_id=snapshot_id)
 
@@ -184,5 +190,24 @@ class BackupServicer(service_pb2_grpc.BackupServicer):
 
     @_guarded
     def DeleteSnapshot(self, request, context):
-        self.repo.delete_snapshot(request.snapshot_id, request.challenge, request.signature)
-        return service_pb2.DeleteSnapshotReply()
+        already = self.repo.delete_snapshot(
+            request.snapshot_id, request.challenge, request.signature
+        )
+        return service_pb2.DeleteSnapshotReply(already_deleted=already)
+
+    @_guarded
+    def Condemn(self, request, context):
+        count, freed, pending = self.repo.condemn(
+            split_ids(request.ids),
+            request.snapshot_generation,
+            request.challenge,
+            request.signature,
+        )
+        return service_pb2.CondemnReply(
+            condemned=count, bytes_freed=freed, bytes_pending=pending
+        )
+
+    @_guarded
+    def Revive(self, request, context):
+        missing = self.repo.revive(request.session_id, split_ids(request.ids))
+        return service_pb2.ReviveReply(missing=b"".join(missing))

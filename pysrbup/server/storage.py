@@ -21,6 +21,7 @@ import contextlib
 import errno
 import fcntl
 import json
+import logging
 import os
 import re
 import threading
@@ -32,6 +33,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from pysrbup.errors import (
+    ConflictError,
     NotFoundError,
     PermissionDeniedError,
     RepositoryError,
@@ -39,7 +41,7 @@ from pysrbup.errors import (
     UsageError,
 )
 from pysrbup.proto import service_pb2
-from pysrbup.repo.auth import delete_message
+from pysrbup.repo.auth import condemn_message, delete_message
 from pysrbup.server import packs
 from pysrbup.server.index import Index
 
@@ -50,6 +52,10 @@ KEY_ID_SIZE = 16
 MAX_WRAPPED_KEY = 256
 MAX_SNAPSHOT_RECORD = 1024 * 1024
 SESSION_IDLE_SECONDS = 3600
+#: A sealed pack is rewritten once this fraction of it is garbage.
+COMPACT_DEAD_FRACTION = 0.05
+GENERATION = "snapshot_generation"
+log = logging.getLogger("pysrbup.server")
 CHALLENGE_SECONDS = 300
 
 
@@ -76,6 +82,7 @@ class Session:
     """One writing session: its open pack and what it added."""
 
     session_id: str
+    number: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
     writer: packs.PackWriter | None = None
     pack: int = 0
@@ -118,12 +125,15 @@ class Repository:
         self.index = Index(os.path.join(self.root, "index.sqlite"))
         self._sessions: dict[str, Session] = {}
         self._sessions_lock = threading.Lock()
+        self._session_counter = 0
+        self._gc_lock = threading.Lock()
         self._challenges: dict[bytes, float] = {}
         self._read_fds: dict[int, int] = {}
         self._read_lock = threading.Lock()
         self._pack_names = {p: name for p, name, _ in self.index.packs()}
         self._cleanup_temp_files()
         self.recover()
+        self.collect_garbage()  # no session survives a restart: sweep every condemnation
 
     # ---- configuration -------------------------------------------------
 
@@ -224,8 +234,9 @@ class Repository:
     def begin_session(self) -> str:
         """Opens a writing session; its pack is created on the first upload."""
         self._reap_idle_sessions()
-        session = Session(os.urandom(16).hex())
         with self._sessions_lock:
+            self._session_counter += 1
+            session = Session(os.urandom(16).hex(), self._session_counter)
             self._sessions[session.session_id] = session
         return session.session_id
 
@@ -247,13 +258,16 @@ class Repository:
             with session.lock, contextlib.suppress(Exception):
                 self._seal_session_pack(session)
 
-    def _new_pack(self, session: Session) -> None:
+    def _create_pack(self) -> tuple[int, packs.PackWriter]:
         pack_id = os.urandom(packs.PACK_ID_SIZE)
         name = os.path.join("packs", pack_id.hex()[:2], pack_id.hex() + ".pack")
         os.makedirs(os.path.join(self.root, os.path.dirname(name)), exist_ok=True)
-        session.pack = self.index.add_pack(name)
-        self._pack_names[session.pack] = name
-        session.writer = packs.PackWriter(os.path.join(self.root, name), pack_id)
+        pack = self.index.add_pack(name)
+        self._pack_names[pack] = name
+        return pack, packs.PackWriter(os.path.join(self.root, name), pack_id)
+
+    def _new_pack(self, session: Session) -> None:
+        session.pack, session.writer = self._create_pack()
 
     def _commit(self, session: Session) -> None:
         """fsyncs the session's pack and commits its new records to the index."""
@@ -285,7 +299,7 @@ class Repository:
                 oid = bytes(oid)
                 if len(payload) > packs.MAX_OBJECT_SIZE:
                     raise UsageError("object too large")
-                if oid in session.writer_ids or self.index.contains(oid):
+                if oid in session.writer_ids or self.index.present_reviving(oid):
                     counts.dropped += 1
                     continue
                 if session.writer is None:
@@ -339,10 +353,17 @@ class Repository:
             self._seal_session_pack(session)
         with self._sessions_lock:
             self._sessions.pop(session_id, None)
+        self.collect_garbage()
         return session
 
-    def commit_snapshot(self, session_id: str, snapshot_id: str, record: bytes) -> str:
-        """Ends the session and stores its snapshot record durably."""
+    def commit_snapshot(
+        self, session_id: str, snapshot_id: str, record: bytes, checked_seq: int
+    ) -> str:
+        """Ends the session and stores its snapshot record durably.
+
+        Refused with ConflictError if anything was condemned after the id-log
+        position ``checked_seq``: the client first revives what it relies on.
+        """
         if not SNAPSHOT_ID.match(snapshot_id):
             raise UsageError("malformed snapshot id")
         if not 0 < len(record) <= MAX_SNAPSHOT_RECORD:
@@ -353,6 +374,16 @@ class Repository:
         session = self._session(session_id)
         with session.lock:
             self._seal_session_pack(session)
+        with self._gc_lock:
+            if self.index.condemned_after(checked_seq):
+                raise ConflictError("objects were condemned during the backup; sync and retry")
+            self._write_snapshot(session, snapshot_id, record, path)
+        with self._sessions_lock:
+            self._sessions.pop(session_id, None)
+        self.collect_garbage()
+        return snapshot_id
+
+    def _write_snapshot(self, session: Session, snapshot_id: str, record: bytes, path: str):
         info = service_pb2.SnapshotInfo(
             snapshot_id=snapshot_id,
             created_ns=time.time_ns(),
@@ -360,9 +391,7 @@ class Repository:
             record=record,
         )
         write_atomic(path, info.SerializeToString())
-        with self._sessions_lock:
-            self._sessions.pop(session_id, None)
-        return snapshot_id
+        self.index.bump_counter(GENERATION)
 
     # ---- snapshots -------------------------------------------------------
 
@@ -407,19 +436,129 @@ class Repository:
         except (InvalidSignature, ValueError):
             raise PermissionDeniedError("the proof of key does not verify") from None
 
-    def delete_snapshot(self, snapshot_id: str, challenge: bytes, signature: bytes) -> None:
-        """Removes a snapshot record after checking the key holder's proof."""
+    @property
+    def generation(self) -> int:
+        return self.index.counter(GENERATION)
+
+    def delete_snapshot(self, snapshot_id: str, challenge: bytes, signature: bytes) -> bool:
+        """Removes a snapshot record after checking the key holder's proof.
+
+        Returns True if it had already been deleted (a rerun after an
+        interrupted delete), so the client can finish collecting garbage.
+        """
         if not SNAPSHOT_ID.match(snapshot_id):
             raise NotFoundError(f"no backup {snapshot_id!r}")
         self._check_proof(
             challenge, signature, delete_message(self.repo_id, challenge, snapshot_id)
         )
         path = self._snapshot_path(snapshot_id)
-        try:
+        with self._gc_lock:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                if self.index.get_meta("deleted:" + snapshot_id) is not None:
+                    return True
+                raise NotFoundError(f"no backup {snapshot_id}") from None
+            self.index.set_meta("deleted:" + snapshot_id, b"1")
+            self.index.bump_counter(GENERATION)
+            packs.fsync_dir(os.path.dirname(path))
+        return False
+
+    # ---- garbage collection --------------------------------------------------
+
+    def condemn(
+        self, oids: list[bytes], generation: int, challenge: bytes, signature: bytes
+    ) -> tuple[int, int, int]:
+        """Condemns unreferenced objects; returns (count, bytes freed now, bytes pending).
+
+        Refused with ConflictError when a snapshot was committed or deleted
+        since the client listed them (its live set may be stale).
+        """
+        blob = b"".join(oids)
+        message = condemn_message(self.repo_id, challenge, generation, blob)
+        self._check_proof(challenge, signature, message)
+        with self._gc_lock:
+            if generation != self.generation:
+                raise ConflictError("snapshots changed while collecting garbage; retry")
+            with self._sessions_lock:
+                watermark = self._session_counter
+            count, _ = self.index.condemn(oids, watermark)
+        freed = self.collect_garbage()
+        return count, freed, self.index.pending_condemned_bytes()
+
+    def revive(self, session_id: str, oids: list[bytes]) -> list[bytes]:
+        """Takes condemned objects a session relies on back; returns those already gone."""
+        self._session(session_id)
+        with self._gc_lock:
+            return self.index.revive(oids)
+
+    def _oldest_active_session(self) -> int | None:
+        with self._sessions_lock:
+            numbers = [s.number for s in self._sessions.values()]
+        return min(numbers) if numbers else None
+
+    def collect_garbage(self) -> int:
+        """Sweeps condemned objects no session relies on and compacts packs; bytes freed."""
+        with self._gc_lock:
+            self.index.sweep(self._oldest_active_session())
+            return self._compact()
+
+    def _compact(self) -> int:
+        usage = self.index.pack_usage()
+        with self._sessions_lock:
+            open_packs = {s.pack for s in self._sessions.values() if s.writer is not None}
+        freed = 0
+        for pack, name, sealed in self.index.packs():
+            if not sealed or pack in open_packs:
+                continue
+            path = os.path.join(self.root, name)
+            try:
+                size = os.path.getsize(path)
+            except FileNotFoundError:
+                size = 0
+            count, used = usage.get(pack, (0, 0))
+            if count == 0:
+                freed += self._drop_pack(pack, path, size)
+                continue
+            live = packs.HEADER.size + used + count * packs.ENTRY.size + packs.TRAILER.size
+            if size - live > COMPACT_DEAD_FRACTION * size:
+                freed += self._rewrite_pack(pack, path, size)
+        return freed
+
+    def _drop_pack(self, pack: int, path: str, size: int) -> int:
+        if not self.index.remove_pack(pack):
+            return 0
+        self._forget_fd(pack)
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
-        except FileNotFoundError:
-            raise NotFoundError(f"no backup {snapshot_id}") from None
         packs.fsync_dir(os.path.dirname(path))
+        return size
+
+    def _rewrite_pack(self, pack: int, path: str, size: int) -> int:
+        """Copies a pack's live records into a new pack, then drops the old one."""
+        entries = self.index.pack_objects(pack)
+        new_pack, writer = self._create_pack()
+        moved = []
+        fd = self._read_fd(pack)
+        for entry in entries:
+            payload = packs.read_record(fd, entry.offset, entry.length, entry.oid)
+            if payload is None:
+                log.error("not compacting %s: record %s is damaged", path, entry.oid.hex())
+                writer.abandon()
+                os.unlink(writer.path)
+                self.index.remove_pack(new_pack)
+                return 0
+            moved.append(writer.append(entry.oid, payload))
+        writer.seal()
+        self.index.mark_sealed(new_pack)
+        self.index.move_objects(pack, new_pack, moved)
+        return max(0, self._drop_pack(pack, path, size) - writer.size)
+
+    def _forget_fd(self, pack: int) -> None:
+        with self._read_lock:
+            fd = self._read_fds.pop(pack, None)
+        if fd is not None:
+            os.close(fd)
 
     # ---- reads -------------------------------------------------------------
 
@@ -441,12 +580,18 @@ class Repository:
             if oid not in found:
                 yield oid, 1, b""
         order = sorted(found.items(), key=lambda item: item[1])
-        for oid, (pack, offset, length) in order:
-            try:
-                payload = packs.read_record(self._read_fd(pack), offset, length, oid)
-            except OSError:
-                payload = None
+        for oid, where in order:
+            payload = self._read(oid, *where)
+            if payload is None:  # compaction may have just moved it: look again
+                again = self.index.lookup_many([oid]).get(oid)
+                payload = self._read(oid, *again) if again and again != where else None
             if payload is None:
                 yield oid, 2, b""
             else:
                 yield oid, 0, payload
+
+    def _read(self, oid: bytes, pack: int, offset: int, length: int) -> memoryview | None:
+        try:
+            return packs.read_record(self._read_fd(pack), offset, length, oid)
+        except (OSError, KeyError):
+            return None

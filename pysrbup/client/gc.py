@@ -1,0 +1,98 @@
+"""Garbage collection, worked out by the client because only it can read trees.
+
+The client lists the remaining snapshots, walks their trees to find every
+object still referenced (the live set), and asks the server to condemn every
+other id in the repository. The server sweeps a condemned object only once
+every session that began before the condemnation has ended, and a backup
+revives what it relies on before committing (see RemoteRepository.commit_backup),
+so concurrent backups never lose data. A condemnation is refused if any
+snapshot was committed or deleted after the client listed them; the client
+then starts over.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pysrbup.client.idcache import IdCache
+from pysrbup.client.repository import RemoteRepository
+from pysrbup.errors import ConflictError, IntegrityError
+from pysrbup.repo import tree
+
+FETCH_IDS = 1024
+CONDEMN_BATCH = 65536
+ATTEMPTS = 10
+
+
+@dataclass
+class GcResult:
+    snapshots: int = 0
+    live_objects: int = 0
+    condemned: int = 0
+    bytes_freed: int = 0
+    bytes_pending: int = 0
+
+
+def live_set(repo: RemoteRepository) -> tuple[int, set[bytes]]:
+    """(snapshot generation, every id the remaining snapshots reference)."""
+    generation = repo.conn.info().snapshot_generation
+    live: set[bytes] = set()
+    level: list[bytes] = []
+    infos = repo.snapshots()
+    for info in infos:
+        snap = repo.open_snapshot(info)
+        if snap.root_tree not in live:
+            live.add(snap.root_tree)
+            level.append(snap.root_tree)
+    while level:
+        next_level: list[bytes] = []
+        for start in range(0, len(level), FETCH_IDS):
+            batch = level[start : start + FETCH_IDS]
+            got = 0
+            for oid, status, payload in repo.conn.fetch(batch):
+                if status != 0:
+                    raise IntegrityError(
+                        f"directory object {oid.hex()[:16]} is missing or damaged; "
+                        "not collecting garbage (the live set would be incomplete)"
+                    )
+                got += 1
+                where = f"tree {oid.hex()[:16]}"
+                for node in tree.parse(repo.opener.open(oid, payload), where).nodes:
+                    if node.subtree:
+                        if node.subtree not in live:
+                            live.add(node.subtree)
+                            next_level.append(node.subtree)
+                    elif node.chunk_ids:
+                        for chunk_id, _, _ in tree.file_chunks(node, where):
+                            live.add(chunk_id)
+            if got != len(set(batch)):
+                raise IntegrityError("the server did not return every directory object asked for")
+        level = next_level
+    return generation, live
+
+
+def collect_garbage(repo: RemoteRepository) -> GcResult:
+    """Condemns every object no snapshot references; returns what was freed."""
+    for _ in range(ATTEMPTS):
+        result = GcResult()
+        generation, live = live_set(repo)
+        result.snapshots = len(repo.snapshots())
+        result.live_objects = len(live)
+        cache = IdCache(repo.repo_id)
+        cache.sync(repo.conn, repo.conn.info().id_log_epoch)
+        garbage = sorted(cache.ids - live)
+        try:
+            if not garbage:
+                reply = repo.condemn([], generation)
+                result.bytes_freed = reply.bytes_freed
+                result.bytes_pending = reply.bytes_pending
+                return result
+            for start in range(0, len(garbage), CONDEMN_BATCH):
+                reply = repo.condemn(garbage[start : start + CONDEMN_BATCH], generation)
+                result.condemned += reply.condemned
+                result.bytes_freed += reply.bytes_freed
+                result.bytes_pending = reply.bytes_pending
+            return result
+        except ConflictError:
+            continue
+    raise ConflictError("backups kept changing while collecting garbage; run delete again")
