@@ -18,6 +18,7 @@ The kernels use no NumPy C API, so the build needs no NumPy.
 """
 
 import os
+import re
 import sys
 
 from setuptools import Extension, setup
@@ -34,20 +35,44 @@ def note(message: str) -> None:
     print(f"pysrbup-build: {message}", file=sys.stderr, flush=True)
 
 
+def _grpc_generated_version(proto: str) -> str | None:
+    """The grpcio-tools version that wrote ``proto``'s existing stubs, if any."""
+    try:
+        with open(gen.stubs_of(proto, HERE)[-1], encoding="utf-8") as handle:
+            match = re.search(r"^GRPC_GENERATED_VERSION = '([^']+)'", handle.read(), re.M)
+    except OSError:
+        return None
+    return match.group(1) if match else None
+
+
 def generate_stubs() -> None:
-    """Runs grpc_tools.protoc over each .proto whose stubs are missing or stale."""
+    """Runs grpc_tools.protoc over each .proto whose stubs are missing or stale.
+
+    Outside an sdist, stubs written by another grpcio-tools release count as stale when
+    grpcio-tools is installed: they demand a runtime at least as new as their generator (see
+    pyproject's dependencies). An sdist's stubs are used as shipped unless older than their .proto.
+    """
     stale = gen.stale_protos(HERE)
-    if not stale:
+    if not stale and gen.in_sdist(HERE):
         return
     try:
-        from grpc_tools import protoc
+        from grpc_tools import grpc_version, protoc
     except ImportError:
+        if not stale:
+            return
         names = ", ".join(os.path.relpath(p, HERE) for p in stale)
         sys.exit(
             f"pysrbup-build: the gRPC stubs of {names} are missing or stale and grpcio-tools "
             f"is not installed: pip install '{gen.GRPC_TOOLS_REQUIREMENT}' (or build with pip, "
             "which installs it)"
         )
+    stale = [
+        proto
+        for proto in gen.proto_sources(HERE)
+        if proto in stale or _grpc_generated_version(proto) != grpc_version.VERSION
+    ]
+    if not stale:
+        return
     include = os.path.join(os.path.dirname(protoc.__file__), "_proto")
     for proto in stale:
         args = [
