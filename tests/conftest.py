@@ -16,6 +16,10 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "server_args(*flags): extra flags for the server fixture")
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -134,12 +138,15 @@ def cache_dir(tmp_path):
 
 
 @pytest.fixture
-def server(tmp_path, cache_dir):
+def server(request, tmp_path, cache_dir):
+    """A server on loopback; ``@pytest.mark.server_args(...)`` adds command-line flags."""
+    marker = request.node.get_closest_marker("server_args")
     srv = ServerProcess(
         repo=str(tmp_path / "repo"),
         port=free_port(),
         env=base_env(cache_dir),
         log_path=str(tmp_path / "server.log"),
+        extra=tuple(marker.args) if marker else (),
     )
     srv.start()
     yield srv

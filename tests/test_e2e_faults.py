@@ -43,6 +43,7 @@ def _largest_record(repo: str) -> tuple[str, packs.Entry]:
     return path, max(_records(path), key=lambda e: e.length)
 
 
+@pytest.mark.server_args("--ecc=none")  # no parity: the client itself must notice
 @pytest.mark.parametrize("fix_checksum", [False, True], ids=["bitrot", "forged-checksum"])
 def test_tampered_pack_is_detected_at_restore(tmp_path, client, key_file, server, fix_checksum):
     _src, backup_id = _backup_two_files(tmp_path, client, key_file)
@@ -66,6 +67,7 @@ def test_tampered_pack_is_detected_at_restore(tmp_path, client, key_file, server
     assert_no_traceback(proc)
 
 
+@pytest.mark.server_args("--ecc=none")
 def test_swapped_objects_are_detected(tmp_path, client, key_file, server):
     src = tmp_path / "src"
     src.mkdir()

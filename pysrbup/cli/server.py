@@ -7,6 +7,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 
 from pysrbup.cli.common import report_error, version_text
 from pysrbup.errors import EXIT_OK, PysrbupError
@@ -22,9 +23,68 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--append-only", action="store_true", help="refuse every deletion, even from key holders"
     )
+    parser.add_argument(
+        "--ecc",
+        default="20+2",
+        help="parity for new packs: K+M (K data, M parity blocks per column) or none "
+        "(default 20+2, about 10%% overhead)",
+    )
+    parser.add_argument(
+        "--scrub-interval",
+        type=float,
+        default=0,
+        metavar="SECONDS",
+        help="while serving, verify and repair every pack this often (0: never)",
+    )
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--scrub",
+        action="store_true",
+        help="verify and repair every pack, report, and exit (non-zero if anything is lost)",
+    )
+    mode.add_argument(
+        "--rebuild-index",
+        action="store_true",
+        help="rebuild the SQLite index from the packs' footers and exit",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log requests")
     parser.add_argument("backups_dir", help="repository directory (created if missing)")
     return parser
+
+
+def print_scrub(report) -> int:
+    """Prints a scrub report; the exit status is non-zero if anything is unrepairable."""
+    print(
+        f"scrub: {report.packs} packs, {report.blocks_checked} blocks checked, "
+        f"{report.blocks_repaired} repaired, {report.blocks_unrepairable} unrepairable"
+        + (f", {report.packs_unprotected} packs without parity" if report.packs_unprotected else "")
+        + (f", {report.sidecars_written} parity files rewritten" if report.sidecars_written else "")
+    )
+    for name, ids in sorted(report.damaged.items()):
+        print(f"damaged: {name}: {len(ids)} object(s) lost")
+        for oid in ids:
+            print(f"  lost object {oid.hex()}")
+    return 1 if report.damaged else EXIT_OK
+
+
+_SCRUBBING = threading.Lock()
+
+
+def _background_scrub(repo) -> None:
+    if not _SCRUBBING.acquire(blocking=False):
+        return  # the previous scrub is still running
+    try:
+        report = repo.scrub()
+    finally:
+        _SCRUBBING.release()
+    level = logging.ERROR if report.damaged else logging.INFO
+    logging.getLogger("pysrbup.server").log(
+        level,
+        "scrub: %d blocks checked, %d repaired, %d unrepairable",
+        report.blocks_checked,
+        report.blocks_repaired,
+        report.blocks_unrepairable,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,10 +97,24 @@ def main(argv: list[str] | None = None) -> int:
         print("pysrbup-server: error: --num-threads must be at least 1", file=sys.stderr)
         return 2
     try:
+        from pysrbup.server.ecc import EccLevel
         from pysrbup.server.serve import serve
-        from pysrbup.server.storage import Repository
+        from pysrbup.server.storage import Repository, rebuild_index
 
-        repo = Repository(args.backups_dir, append_only=args.append_only)
+        level = EccLevel.parse(args.ecc)
+        if args.rebuild_index:
+            count_packs, count_objects = rebuild_index(args.backups_dir)
+            print(
+                f"pysrbup-server: rebuilt the index: {count_packs} packs, {count_objects} objects"
+            )
+            return EXIT_OK
+        repo = Repository(args.backups_dir, append_only=args.append_only, ecc_level=level)
+        if args.scrub:
+            try:
+                repo.wait_for_parity()
+                return print_scrub(repo.scrub())
+            finally:
+                repo.close()
         try:
             server, port = serve(repo, args.bind_to, args.num_threads)
         except (OSError, RuntimeError) as exc:
@@ -57,8 +131,11 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     print(f"pysrbup-server: serving {repo.root} on port {port}", file=sys.stderr, flush=True)
+    next_scrub = time.monotonic() + args.scrub_interval
     while not stop.wait(0.5):
-        pass
+        if args.scrub_interval > 0 and time.monotonic() >= next_scrub:
+            threading.Thread(target=_background_scrub, args=(repo,), daemon=True).start()
+            next_scrub = time.monotonic() + args.scrub_interval
     server.stop(grace=5).wait()
     repo.close()
     return EXIT_OK

@@ -233,3 +233,19 @@ def read_record(fd: int, entry_offset: int, length: int, oid: bytes) -> memoryvi
     if stored_oid != oid or stored_len != length or checksum(payload) != digest:
         return None
     return payload
+
+
+def damaged_records(path: str) -> list[Entry] | None:
+    """The records of a sealed pack whose checksum fails; None if it has no valid footer."""
+    entries = read_footer(path)
+    if entries is None:
+        return None
+    bad = []
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for entry in entries:
+            if read_record(fd, entry.offset, entry.length, entry.oid) is None:
+                bad.append(entry)
+    finally:
+        os.close(fd)
+    return bad

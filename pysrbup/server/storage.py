@@ -23,6 +23,7 @@ import fcntl
 import json
 import logging
 import os
+import queue
 import re
 import threading
 import time
@@ -42,7 +43,7 @@ from pysrbup.errors import (
 )
 from pysrbup.proto import service_pb2
 from pysrbup.repo.auth import condemn_message, delete_message
-from pysrbup.server import packs
+from pysrbup.server import ecc, packs
 from pysrbup.server.index import Index
 
 FORMAT = "pysrbup-repo"
@@ -93,6 +94,32 @@ class Session:
 
 
 @dataclass
+class _Marker:
+    done: threading.Event
+
+
+@dataclass
+class ScrubReport:
+    """What a scrub found: counts, and the chunk ids in damaged, unrepairable places."""
+
+    packs: int = 0
+    packs_unprotected: int = 0
+    blocks_checked: int = 0
+    blocks_repaired: int = 0
+    blocks_unrepairable: int = 0
+    records_checked: int = 0
+    sidecars_written: int = 0
+    damaged: dict[str, list[bytes]] = field(default_factory=dict)
+
+
+def _has_packs(root: str) -> bool:
+    for _, _, files in os.walk(os.path.join(root, "packs")):
+        if any(name.endswith(".pack") for name in files):
+            return True
+    return False
+
+
+@dataclass
 class UploadCounts:
     stored: int = 0
     dropped: int = 0
@@ -102,9 +129,16 @@ class UploadCounts:
 class Repository:
     """A pysrbup repository directory, opened by one server process."""
 
-    def __init__(self, root: str, append_only: bool = False, create: bool = True):
+    def __init__(
+        self,
+        root: str,
+        append_only: bool = False,
+        create: bool = True,
+        ecc_level: ecc.EccLevel | None = ecc.DEFAULT_LEVEL,
+    ):
         self.root = os.path.abspath(root)
         self.append_only = append_only
+        self.ecc_level = ecc_level
         if not os.path.isdir(self.root):
             if not create:
                 raise RepositoryError(f"{self.root} is not a pysrbup repository")
@@ -121,8 +155,17 @@ class Repository:
             os.close(self._lock_fd)
             raise RepositoryError(f"{self.root} is in use by another pysrbup-server") from None
         self._config_lock = threading.Lock()
-        self.config = self._load_config()
-        self.index = Index(os.path.join(self.root, "index.sqlite"))
+        try:
+            self.config = self._load_config()
+            index_path = os.path.join(self.root, "index.sqlite")
+            if not os.path.exists(index_path) and _has_packs(self.root):
+                raise RepositoryError(
+                    f"the index {index_path} is missing; run pysrbup-server --rebuild-index"
+                )
+            self.index = Index(index_path)
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
         self._sessions: dict[str, Session] = {}
         self._sessions_lock = threading.Lock()
         self._session_counter = 0
@@ -131,9 +174,16 @@ class Repository:
         self._read_fds: dict[int, int] = {}
         self._read_lock = threading.Lock()
         self._pack_names = {p: name for p, name, _ in self.index.packs()}
+        self._ecc_queue: queue.Queue = queue.Queue()
+        self._ecc_thread: threading.Thread | None = None
         self._cleanup_temp_files()
         self.recover()
         self.collect_garbage()  # no session survives a restart: sweep every condemnation
+        if self.ecc_level is not None:
+            for _, name, sealed in self.index.packs():
+                path = os.path.join(self.root, name)
+                if sealed and os.path.exists(path) and not os.path.exists(ecc.sidecar_path(path)):
+                    self._protect(path)
 
     # ---- configuration -------------------------------------------------
 
@@ -215,13 +265,16 @@ class Repository:
             self.index.mark_sealed(pack)
 
     def close(self) -> None:
-        """Seals open packs, closes files and releases the directory."""
+        """Seals open packs, finishes parity, closes files and releases the directory."""
         with self._sessions_lock:
             sessions = list(self._sessions.values())
             self._sessions.clear()
         for session in sessions:
             with session.lock, contextlib.suppress(Exception):
                 self._seal_session_pack(session)
+        if self._ecc_thread is not None:
+            self._ecc_queue.put(None)
+            self._ecc_thread.join()
         with self._read_lock:
             for fd in self._read_fds.values():
                 os.close(fd)
@@ -285,6 +338,7 @@ class Repository:
         self._commit(session)
         session.writer.seal()
         self.index.mark_sealed(session.pack)
+        self._protect(session.writer.path)
         session.writer = None
         session.writer_ids = set()
 
@@ -529,10 +583,120 @@ class Repository:
         if not self.index.remove_pack(pack):
             return 0
         self._forget_fd(pack)
+        sidecar = ecc.sidecar_path(path)
+        with contextlib.suppress(FileNotFoundError):
+            size += os.path.getsize(sidecar)
+            os.unlink(sidecar)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
         packs.fsync_dir(os.path.dirname(path))
         return size
+
+    # ---- error correction ------------------------------------------------------
+
+    def _protect(self, path: str) -> None:
+        """Queues parity for a sealed pack (computed off the upload's critical path)."""
+        if self.ecc_level is None:
+            return
+        if self._ecc_thread is None:
+            self._ecc_thread = threading.Thread(
+                target=self._ecc_worker, name="pysrbup-ecc", daemon=True
+            )
+            self._ecc_thread.start()
+        self._ecc_queue.put(path)
+
+    def _ecc_worker(self) -> None:
+        while True:
+            path = self._ecc_queue.get()
+            if path is None:
+                return
+            if isinstance(path, _Marker):
+                path.done.set()
+                continue
+            try:
+                with self._gc_lock:  # compaction must not drop the pack meanwhile
+                    if os.path.exists(path) and not os.path.exists(ecc.sidecar_path(path)):
+                        self._write_verified_sidecar(path)
+            except OSError as exc:
+                log.error("cannot write parity for %s: %s", path, exc)
+
+    def _write_verified_sidecar(self, path: str) -> bool:
+        """Re-reads a sealed pack and writes its parity only if every record verifies.
+
+        Parity over rotten data would make the rot permanent, so a pack that
+        fails here is logged ("detected data corruption") and left unprotected.
+        """
+        bad = packs.damaged_records(path)
+        if bad is None or bad:
+            log.error(
+                "detected data corruption in %s (%s); not writing parity over it",
+                path,
+                "no valid footer" if bad is None else f"{len(bad)} damaged record(s)",
+            )
+            return False
+        ecc.write_sidecar(path, self.ecc_level)
+        return True
+
+    def wait_for_parity(self) -> None:
+        """Blocks until every queued sidecar is written (tests, scrub)."""
+        if self._ecc_thread is not None:
+            done = threading.Event()
+            self._ecc_queue.put(_Marker(done))
+            done.wait()
+
+    def _repair(self, pack: int) -> bool:
+        """Verifies and repairs a pack after a failed read; True if it is now whole."""
+        path = os.path.join(self.root, self._pack_names.get(pack, ""))
+        with self._gc_lock:
+            result = ecc.check_pack(path)
+        if result.blocks_repaired:
+            log.warning("repaired %d damaged block(s) of %s", result.blocks_repaired, path)
+        return not result.unprotected and not result.blocks_unrepairable
+
+    def scrub(self) -> ScrubReport:
+        """Verifies every sealed pack (and its parity) and repairs what parity allows."""
+        report = ScrubReport()
+        for pack, name, sealed in self.index.packs():
+            if not sealed:
+                continue
+            path = os.path.join(self.root, name)
+            with self._gc_lock:
+                if not os.path.exists(path):
+                    continue
+                result = ecc.check_pack(path)
+                entries = self.index.pack_objects(pack)
+                if result.unprotected:
+                    report.packs_unprotected += 1
+                    fd = self._read_fd(pack)
+                    damaged = [
+                        e
+                        for e in entries
+                        if packs.read_record(fd, e.offset, e.length, e.oid) is None
+                    ]
+                    report.records_checked += len(entries)
+                    bad_ids = [e.oid for e in damaged]
+                    if (  # e.g. a deleted sidecar
+                        not bad_ids
+                        and self.ecc_level is not None
+                        and self._write_verified_sidecar(path)
+                    ):
+                        report.sidecars_written += 1
+                else:
+                    bad_ids = [
+                        e.oid
+                        for e in entries
+                        if any(
+                            e.offset - packs.RECORD.size < end and start < e.offset + e.length
+                            for start, end in result.bad_ranges
+                        )
+                    ]
+            report.packs += 1
+            report.blocks_checked += result.blocks_checked
+            report.blocks_repaired += result.blocks_repaired
+            report.blocks_unrepairable += result.blocks_unrepairable
+            if bad_ids or result.blocks_unrepairable:
+                report.damaged[name] = bad_ids
+        return report
 
     def _rewrite_pack(self, pack: int, path: str, size: int) -> int:
         """Copies a pack's live records into a new pack, then drops the old one."""
@@ -551,6 +715,8 @@ class Repository:
             moved.append(writer.append(entry.oid, payload))
         writer.seal()
         self.index.mark_sealed(new_pack)
+        if self.ecc_level is not None:  # protected before the old copy goes
+            self._write_verified_sidecar(writer.path)
         self.index.move_objects(pack, new_pack, moved)
         return max(0, self._drop_pack(pack, path, size) - writer.size)
 
@@ -580,11 +746,17 @@ class Repository:
             if oid not in found:
                 yield oid, 1, b""
         order = sorted(found.items(), key=lambda item: item[1])
+        repaired: dict[int, bool] = {}
         for oid, where in order:
             payload = self._read(oid, *where)
             if payload is None:  # compaction may have just moved it: look again
                 again = self.index.lookup_many([oid]).get(oid)
                 payload = self._read(oid, *again) if again and again != where else None
+            if payload is None:  # bit rot: rebuild the pack from parity, once per request
+                if where[0] not in repaired:
+                    repaired[where[0]] = self._repair(where[0])
+                if repaired[where[0]]:
+                    payload = self._read(oid, *where)
             if payload is None:
                 yield oid, 2, b""
             else:
@@ -595,3 +767,49 @@ class Repository:
             return packs.read_record(self._read_fd(pack), offset, length, oid)
         except (OSError, KeyError):
             return None
+
+
+def rebuild_index(root: str) -> tuple[int, int]:
+    """Rebuilds the index from the packs' own footers; returns (packs, objects).
+
+    The old index is kept beside as ``index.sqlite.broken-<time>``. Packs are
+    verified (and repaired from parity) first; a pack left open by a crash is
+    recovered up to its last intact record.
+    """
+    root = os.path.abspath(root)
+    if not os.path.isdir(os.path.join(root, "packs")):
+        raise RepositoryError(f"{root} is not a pysrbup repository")
+    lock_fd = os.open(os.path.join(root, "lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RepositoryError(f"{root} is in use by a running pysrbup-server") from None
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        for suffix in ("", "-wal", "-shm"):
+            old = os.path.join(root, "index.sqlite" + suffix)
+            if os.path.exists(old):
+                os.replace(old, os.path.join(root, f"index.sqlite.broken-{stamp}{suffix}"))
+        index = Index(os.path.join(root, "index.sqlite"))
+        count_packs = count_objects = 0
+        try:
+            for folder, _, files in sorted(os.walk(os.path.join(root, "packs"))):
+                for name in sorted(files):
+                    if not name.endswith(".pack"):
+                        continue
+                    path = os.path.join(folder, name)
+                    ecc.check_pack(path)
+                    try:
+                        entries = packs.recover(path)
+                    except (RepositoryError, OSError) as exc:
+                        log.error("skipping %s: %s", path, exc)
+                        continue
+                    pack = index.add_pack(os.path.relpath(path, root))
+                    count_objects += index.add_objects(pack, entries)
+                    index.mark_sealed(pack)
+                    count_packs += 1
+        finally:
+            index.close()
+        return count_packs, count_objects
+    finally:
+        os.close(lock_fd)

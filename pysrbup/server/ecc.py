@@ -1,0 +1,333 @@
+"""Reed-Solomon parity sidecars: the server repairs bit rot in its packs without a key.
+
+A sealed pack of ``size`` bytes is viewed as K contiguous rows of
+``row_len`` bytes (the last one zero-padded), ``row_len`` a multiple of the
+block size B. Parity rows are systematic RS over GF(256) down each byte
+column (``pysrbup._native.rs``), so a burst of damage, however long, hits
+one row per column and is repairable as an erasure. Every B-byte block of
+every data and parity row has an xxh3 checksum; a block whose checksum fails
+is an erasure, and any column with at most M erased blocks is rebuilt::
+
+                 column j (B bytes)
+    row 0      | ... | blk | ... |   pack[0 : row_len]
+    ...
+    row K-1    | ... | blk | ... |   pack[(K-1) row_len : size] + zero padding
+    parity 0   | ... | blk | ... |   in the sidecar
+    parity M-1 | ... | blk | ... |
+
+Sidecar ``<pack id>.ecc`` beside the pack (integers little-endian)::
+
+    meta      b"PSRBECC1" | version u32 | K u16 | M u16 | B u32 |
+              pack size u64 | row_len u64 | (K+M) x (row_len/B) xxh3 u64 |
+              xxh3_64 of all the preceding meta bytes u64
+    parity    M x row_len bytes
+    meta      a second copy of meta (the first may rot too)
+    length    u64: size of one meta copy
+
+The level (K, M) is stored per pack, so a repository may hold packs of
+several levels; ``--ecc=none`` writes no sidecar.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import struct
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+import xxhash
+
+from pysrbup._native import rs
+from pysrbup.errors import UsageError
+from pysrbup.server.packs import fsync_dir
+
+log = logging.getLogger("pysrbup.server")
+
+MAGIC = b"PSRBECC1"
+VERSION = 1
+HEADER = struct.Struct("<8sIHHIQQ")
+TAIL = struct.Struct("<Q")
+BLOCK_SIZE = 4096
+
+
+class SidecarError(Exception):
+    """A sidecar is missing, unreadable or damaged in both meta copies."""
+
+
+@dataclass(frozen=True)
+class EccLevel:
+    """K data rows protected by M parity rows."""
+
+    k: int
+    m: int
+
+    @classmethod
+    def parse(cls, text: str) -> EccLevel | None:
+        """``"none"`` or ``"K+M"`` (e.g. ``"20+2"``); UsageError when malformed."""
+        text = text.strip().lower()
+        if text in ("none", "off", "0"):
+            return None
+        match = re.fullmatch(r"(\d+)\+(\d+)", text)
+        if not match:
+            raise UsageError(f"--ecc takes 'none' or K+M such as 20+2, not {text!r}")
+        k, m = int(match.group(1)), int(match.group(2))
+        if k < 1 or m < 1 or k + m > rs.MAX_SHARDS:
+            raise UsageError(f"--ecc {text}: need K >= 1, M >= 1 and K + M <= {rs.MAX_SHARDS}")
+        return cls(k, m)
+
+    def __str__(self) -> str:
+        return f"{self.k}+{self.m}"
+
+
+#: About 10% overhead; any two damaged blocks per column, or bursts up to 2/20 of a pack.
+DEFAULT_LEVEL = EccLevel(20, 2)
+
+
+def sidecar_path(pack_path: str) -> str:
+    return os.path.splitext(pack_path)[0] + ".ecc"
+
+
+def _row_len(size: int, k: int, block: int) -> int:
+    per_row = -(-max(size, 1) // k)
+    return -(-per_row // block) * block
+
+
+def _block_sums(rows: np.ndarray, block: int) -> np.ndarray:
+    """xxh3 of every ``block``-byte block of every row: shape (rows, row_len / block)."""
+    count, row_len = rows.shape
+    sums = np.empty((count, row_len // block), dtype=np.uint64)
+    digest = xxhash.xxh3_64_intdigest
+    for r in range(count):
+        view = memoryview(rows[r])
+        sums[r] = [digest(view[j : j + block]) for j in range(0, row_len, block)]
+    return sums
+
+
+@dataclass
+class Sidecar:
+    """The parsed meta of one sidecar."""
+
+    k: int
+    m: int
+    block: int
+    pack_size: int
+    row_len: int
+    sums: np.ndarray  # (k + m, row_len / block) uint64
+    meta_len: int
+    first_copy_ok: bool = True
+
+    @property
+    def level(self) -> EccLevel:
+        return EccLevel(self.k, self.m)
+
+    @property
+    def parity_offset(self) -> int:
+        return self.meta_len
+
+
+def _meta(level: EccLevel, block: int, size: int, row_len: int, sums: np.ndarray) -> bytes:
+    head = HEADER.pack(MAGIC, VERSION, level.k, level.m, block, size, row_len)
+    body = head + sums.astype("<u8").tobytes()
+    return body + TAIL.pack(xxhash.xxh3_64_intdigest(body))
+
+
+def _parse_meta(raw: bytes) -> Sidecar | None:
+    if len(raw) < HEADER.size + TAIL.size:
+        return None
+    magic, version, k, m, block, size, row_len = HEADER.unpack_from(raw)
+    if magic != MAGIC or version != VERSION or not block or row_len % block or k < 1 or m < 1:
+        return None
+    nblk = row_len // block
+    meta_len = HEADER.size + 8 * (k + m) * nblk + TAIL.size
+    if len(raw) < meta_len:
+        return None
+    body = raw[: meta_len - TAIL.size]
+    if TAIL.unpack_from(raw, meta_len - TAIL.size)[0] != xxhash.xxh3_64_intdigest(body):
+        return None
+    sums = np.frombuffer(body, dtype="<u8", offset=HEADER.size).reshape(k + m, nblk)
+    return Sidecar(k, m, block, size, row_len, sums.astype(np.uint64), meta_len)
+
+
+def read_pack_matrix(pack_path: str, k: int, row_len: int) -> tuple[np.ndarray, int]:
+    """The pack as a (k, row_len) zero-padded matrix, and its actual size on disk."""
+    data = np.zeros(k * row_len, dtype=np.uint8)
+    with open(pack_path, "rb") as handle:
+        got = handle.readinto(memoryview(data))
+    return data.reshape(k, row_len), got
+
+
+def write_sidecar(pack_path: str, level: EccLevel, block: int = BLOCK_SIZE) -> int:
+    """Computes and durably writes the sidecar of a sealed pack; returns its size."""
+    size = os.path.getsize(pack_path)
+    row_len = _row_len(size, level.k, block)
+    data, _ = read_pack_matrix(pack_path, level.k, row_len)
+    parity = rs.encode(data, level.m)
+    sums = np.vstack([_block_sums(data, block), _block_sums(parity, block)])
+    meta = _meta(level, block, size, row_len, sums)
+    path = sidecar_path(pack_path)
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as handle:
+        handle.write(meta)
+        handle.write(memoryview(parity).cast("B"))
+        handle.write(meta)
+        handle.write(TAIL.pack(len(meta)))
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    fsync_dir(os.path.dirname(path))
+    return len(meta) * 2 + parity.size + TAIL.size
+
+
+def load_sidecar(path: str) -> Sidecar:
+    """Parses a sidecar, falling back to its second meta copy."""
+    try:
+        with open(path, "rb") as handle:
+            total = os.fstat(handle.fileno()).st_size
+            head = handle.read(HEADER.size)
+            parsed = None
+            if len(head) == HEADER.size:
+                _, _, k, m, block, _, row_len = HEADER.unpack(head)
+                if block and k and m and row_len % block == 0:
+                    meta_len = HEADER.size + 8 * (k + m) * (row_len // block) + TAIL.size
+                    if meta_len <= total:
+                        handle.seek(0)
+                        parsed = _parse_meta(handle.read(meta_len))
+            if parsed is None and total >= TAIL.size:
+                handle.seek(total - TAIL.size)
+                (meta_len,) = TAIL.unpack(handle.read(TAIL.size))
+                if 0 < meta_len <= total - TAIL.size:
+                    handle.seek(total - TAIL.size - meta_len)
+                    parsed = _parse_meta(handle.read(meta_len))
+                    if parsed is not None:
+                        parsed.first_copy_ok = False
+    except FileNotFoundError:
+        raise SidecarError(f"{path} is missing") from None
+    except OSError as exc:
+        raise SidecarError(f"cannot read {path}: {exc.strerror}") from None
+    if parsed is None:
+        raise SidecarError(f"{path} is damaged beyond use (both meta copies)")
+    return parsed
+
+
+@dataclass
+class PackCheck:
+    """What verifying one pack found."""
+
+    blocks_checked: int = 0
+    blocks_repaired: int = 0
+    blocks_unrepairable: int = 0
+    #: Byte ranges of the pack that are damaged and could not be rebuilt.
+    bad_ranges: list[tuple[int, int]] = field(default_factory=list)
+    unprotected: bool = False
+
+
+def check_pack(pack_path: str, repair: bool = True) -> PackCheck:
+    """Verifies every block of a pack and its parity; rebuilds what parity allows.
+
+    Repaired bytes are written back to the pack (restoring, never changing,
+    its sealed content) and to the sidecar, each made durable with fsync.
+    """
+    result = PackCheck()
+    try:
+        sc = load_sidecar(sidecar_path(pack_path))
+    except SidecarError:
+        result.unprotected = True
+        return result
+    k, m, block = sc.k, sc.m, sc.block
+    data, actual_size = read_pack_matrix(pack_path, k, sc.row_len)
+    parity = np.zeros((m, sc.row_len), dtype=np.uint8)
+    with open(sidecar_path(pack_path), "rb") as handle:
+        handle.seek(sc.parity_offset)
+        handle.readinto(memoryview(parity).cast("B"))
+    shards = np.vstack([data, parity])
+    bad = _block_sums(shards, block) != sc.sums
+    result.blocks_checked = bad.size
+    if not sc.first_copy_ok and repair:  # restore the damaged first meta copy
+        meta = _meta(sc.level, block, sc.pack_size, sc.row_len, sc.sums)
+        with open(sidecar_path(pack_path), "r+b") as handle:
+            os.pwrite(handle.fileno(), meta, 0)
+            os.fsync(handle.fileno())
+        result.blocks_repaired += 1
+    if actual_size < sc.pack_size:  # truncated: the missing tail is an erasure too
+        lost_from = actual_size // block
+        flat = np.zeros(k * (sc.row_len // block), dtype=bool)
+        flat[lost_from : -(-sc.pack_size // block)] = True
+        bad[:k] |= flat.reshape(k, -1)
+    if not bad.any():
+        return result
+    groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
+    for j in np.nonzero(bad.any(axis=0))[0]:
+        groups[tuple(np.nonzero(bad[:, j])[0].tolist())].append(int(j))
+    fixed_rows: dict[int, list[int]] = defaultdict(list)
+    for missing, columns in groups.items():
+        if len(missing) > m:
+            for r in missing:
+                if r < k:
+                    for j in columns:
+                        start = r * sc.row_len + j * block
+                        result.bad_ranges.append((start, min(start + block, sc.pack_size)))
+            result.blocks_unrepairable += len(missing) * len(columns)
+            continue
+        cols = np.concatenate([np.arange(j * block, (j + 1) * block) for j in columns])
+        stripe = np.ascontiguousarray(shards[:, cols])
+        rebuilt = rs.reconstruct(stripe, list(missing), k)
+        stripe[:k] = rebuilt
+        stripe[k:] = rs.encode(np.ascontiguousarray(rebuilt), m)
+        check = _block_sums(
+            stripe[list(missing)].reshape(len(missing) * len(columns), block), block
+        )
+        expected = np.array([[sc.sums[r, j]] for r in missing for j in columns], dtype=np.uint64)
+        if not np.array_equal(check, expected):
+            result.blocks_unrepairable += len(missing) * len(columns)
+            log.error(
+                "ecc: repair of %s did not verify; sidecar checksums may be damaged", pack_path
+            )
+            continue
+        shards[:, cols] = stripe
+        for r in missing:
+            fixed_rows[r].extend(columns)
+        result.blocks_repaired += len(missing) * len(columns)
+    result.bad_ranges.sort()
+    if repair and fixed_rows:
+        _write_back(pack_path, sc, shards, fixed_rows)
+        log.warning("ecc: repaired %d block(s) of %s", result.blocks_repaired, pack_path)
+    return result
+
+
+def _write_back(
+    pack_path: str, sc: Sidecar, shards: np.ndarray, fixed: dict[int, list[int]]
+) -> None:
+    flat = shards[: sc.k].reshape(-1)
+    with open(pack_path, "r+b") as handle:
+        for r, columns in fixed.items():
+            if r >= sc.k:
+                continue
+            for j in columns:
+                start = r * sc.row_len + j * sc.block
+                end = min(start + sc.block, sc.pack_size)
+                if start < end:
+                    os.pwrite(handle.fileno(), flat[start:end].tobytes(), start)
+        handle.truncate(sc.pack_size)
+        os.fsync(handle.fileno())
+    if any(r >= sc.k for r in fixed):
+        with open(sidecar_path(pack_path), "r+b") as handle:
+            for r, columns in fixed.items():
+                if r < sc.k:
+                    continue
+                for j in columns:
+                    offset = sc.parity_offset + (r - sc.k) * sc.row_len + j * sc.block
+                    os.pwrite(
+                        handle.fileno(),
+                        shards[r, j * sc.block : (j + 1) * sc.block].tobytes(),
+                        offset,
+                    )
+            os.fsync(handle.fileno())
+
+
+def remove_sidecar(pack_path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(sidecar_path(pack_path))
