@@ -203,9 +203,7 @@ class BackupServicer(service_pb2_grpc.BackupServicer):
             request.challenge,
             request.signature,
         )
-        return service_pb2.CondemnReply(
-            condemned=count, bytes_freed=freed, bytes_pending=pending
-        )
+        return service_pb2.CondemnReply(condemned=count, bytes_freed=freed, bytes_pending=pending)
 
     @_guarded
     def Revive(self, request, context):
