@@ -298,6 +298,8 @@ def test_missing_kernels_fail_with_one_clear_line(tmp_path, bare_package, server
     _assert_one_line_error(
         proc, "pysrbup-client", "compiled kernel 'chunker' is missing", "PYSRBUP_PURE_PYTHON=1"
     )
+    version = run([*client, "--version"], env, cwd).stdout
+    assert "chunker=missing, rs=missing, framing=missing" in version
     server_argv = [
         sys.executable,
         "-m",
@@ -326,7 +328,11 @@ def test_stale_kernels_fail_with_one_clear_line(tmp_path, server, key_file):
     (src / "a.txt").write_text("hello\n")
     client = [sys.executable, "-m", "pysrbup.cli.client", f"--server-address={server.address}"]
     proc = run([*client, "backup", str(src), key_file], env, str(tmp_path), check=False)
-    _assert_one_line_error(proc, "pysrbup-client", "compiled kernel 'chunker' is stale", "rebuild")
+    _assert_one_line_error(
+        proc, "pysrbup-client", "compiled kernel 'chunker' is stale", "reinstall"
+    )
+    version = run([*client, "--version"], env, str(tmp_path)).stdout
+    assert "chunker=stale, rs=stale, framing=stale" in version
 
 
 # -- the release artefacts, installed where there is no compiler ------------------------------

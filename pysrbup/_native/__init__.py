@@ -19,6 +19,7 @@ from types import ModuleType
 API_VERSION = 1
 
 _PURE_ENV = "PYSRBUP_PURE_PYTHON"
+KERNELS = ("chunker", "rs", "framing")
 
 
 class NativeBuildError(ImportError):
@@ -38,19 +39,28 @@ def load(name: str) -> ModuleType:
         module = importlib.import_module(f"{__name__}._{name}")
     except ImportError as exc:
         raise NativeBuildError(
-            f"pysrbup: compiled kernel {name!r} is missing ({exc}); run ./build.sh "
-            f"(or pip install .), or set {_PURE_ENV}=1 to use the slow pure-Python twins"
+            f"pysrbup: compiled kernel {name!r} is missing ({exc}); reinstall pysrbup "
+            f"(a wheel, or ./build.sh in a checkout), or set {_PURE_ENV}=1 to use the "
+            "slow pure-Python twins"
         ) from exc
     built = getattr(module, "API_VERSION", None)
     if built != API_VERSION:
         raise NativeBuildError(
             f"pysrbup: compiled kernel {name!r} is stale (API {built}, expected "
-            f"{API_VERSION}); rebuild with ./build.sh or pip install ."
+            f"{API_VERSION}); reinstall pysrbup (a wheel, or ./build.sh in a checkout)"
         )
     return module
 
 
 def backend_names() -> dict[str, str]:
-    """Which backend (``native`` or ``pure``) each kernel uses, for --version."""
-    kind = "pure" if pure_requested() else "native"
-    return {name: kind for name in ("chunker", "rs", "framing")}
+    """Which backend each kernel uses (``native``, ``pure``, ``missing``, ``stale``)."""
+    if pure_requested():
+        return {name: "pure" for name in KERNELS}
+    names = {}
+    for name in KERNELS:
+        try:
+            load(name)
+            names[name] = "native"
+        except NativeBuildError as exc:
+            names[name] = "stale" if "stale" in str(exc) else "missing"
+    return names
