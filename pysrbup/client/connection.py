@@ -17,6 +17,10 @@ from pysrbup.proto import service_pb2, service_pb2_grpc
 
 MAX_MESSAGE_BYTES = 80 * 1024 * 1024
 CONNECT_TIMEOUT = 10.0
+#: Raw-bytes methods (no protobuf around bulk data; see server/serve.py).
+UPLOAD_RAW = "/pysrbup.proto.BackupRaw/Upload"
+FETCH_RAW = "/pysrbup.proto.BackupRaw/Fetch"
+UPLOAD_SESSION_KEY = "pysrbup-session"
 
 
 def _translate(exc: grpc.RpcError, address: str) -> errors.PysrbupError:
@@ -51,8 +55,14 @@ class Connection:
             options=[
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                # Reconnect quickly after a server restart (retries back off on their own).
+                ("grpc.initial_reconnect_backoff_ms", 200),
+                ("grpc.min_reconnect_backoff_ms", 200),
+                ("grpc.max_reconnect_backoff_ms", 2000),
             ],
         )
+        self._upload_raw = self._channel.stream_stream(UPLOAD_RAW)
+        self._fetch_raw = self._channel.unary_stream(FETCH_RAW)
         try:
             grpc.channel_ready_future(self._channel).result(timeout=timeout)
         except grpc.FutureTimeoutError:
@@ -108,6 +118,37 @@ class Connection:
                 first = False
 
         return self._call("Upload", messages())
+
+    def upload_frames(self, session_id: str, frames: Iterator[bytes]):
+        """Starts a raw upload stream of frames; returns (call, acks).
+
+        Each ack is the raw reply ``servicer.UPLOAD_ACK``: frames of this call
+        made durable so far, and counts. ``call.cancel()`` abandons the stream.
+        """
+        call = self._upload_raw(frames, metadata=((UPLOAD_SESSION_KEY, session_id),))
+
+        def acks() -> Iterator[bytes]:
+            try:
+                yield from call
+            except grpc.RpcError as exc:
+                raise _translate(exc, self.address) from None
+
+        return call, acks()
+
+    def fetch_frames(self, oids: list[bytes]) -> Iterator[tuple[bytes, int, memoryview]]:
+        """Like ``fetch`` over the raw-bytes method: frames without protobuf around them."""
+        try:
+            for frame in self._fetch_raw(b"".join(oids)):
+                try:
+                    records = framing.unpack_records(frame)
+                except framing.FrameError as exc:
+                    raise errors.IntegrityError(
+                        f"the server sent a malformed frame: {exc}"
+                    ) from None
+                for oid, status, payload in records:
+                    yield bytes(oid), status, payload
+        except grpc.RpcError as exc:
+            raise _translate(exc, self.address) from None
 
     def put_session_key(self, key_id: bytes, wrapped: bytes) -> None:
         self._call("PutSessionKey", service_pb2.SessionKey(key_id=key_id, wrapped=wrapped))

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import functools
 import logging
+import queue
+import struct
+import threading
 
 import grpc
 
@@ -18,6 +21,13 @@ ID_SIZE = 32
 SYNC_BATCH = 32768
 FETCH_FRAME_BYTES = 8 * 1024 * 1024
 MAX_FETCH_IDS = 65536
+#: UploadRaw reply: frames of the call now durable, objects stored, dropped, bytes stored.
+UPLOAD_ACK = struct.Struct("<QQQQ")
+#: UploadRaw makes received data durable (fsync + index commit) at least this often.
+UPLOAD_SYNC_BYTES = 16 * 1024 * 1024
+#: Frames received ahead of the pack writer (network receive overlaps writing and fsync).
+UPLOAD_INBOX = 4
+UPLOAD_SESSION_KEY = "pysrbup-session"
 
 _STATUS = {
     errors.NotFoundError: grpc.StatusCode.NOT_FOUND,
@@ -142,6 +152,67 @@ class BackupServicer(service_pb2_grpc.BackupServicer):
             objects_stored=stored, objects_dropped=dropped, bytes_stored=stored_bytes
         )
 
+    def UploadRaw(self, request_iterator, context):
+        """Raw-bytes upload stream: each request is one frame, each reply an ``UPLOAD_ACK``.
+
+        A receiver thread reads frames ahead while this one appends them to the
+        session's pack; every ``UPLOAD_SYNC_BYTES`` (or when the client pauses)
+        the session is synced and the frames so far acknowledged, so durability
+        never stops the stream and an interrupted client re-sends only what was
+        not acknowledged. Whatever was not synced is rolled back on failure.
+        """
+        session_id = dict(context.invocation_metadata()).get(UPLOAD_SESSION_KEY, "")
+        if not session_id:
+            _abort(context, errors.UsageError("upload without a session"))
+        inbox: queue.Queue = queue.Queue(maxsize=UPLOAD_INBOX)
+        stop = threading.Event()
+
+        def receive() -> None:
+            try:
+                for frame in request_iterator:
+                    while not stop.is_set():
+                        try:
+                            inbox.put(frame, timeout=0.5)
+                            break
+                        except queue.Full:
+                            continue
+                    if stop.is_set():
+                        return
+                inbox.put(None)
+            except Exception as exc:  # the client went away or cancelled
+                inbox.put(exc)
+
+        threading.Thread(target=receive, name="pysrbup-receive", daemon=True).start()
+        frames = stored = dropped = stored_bytes = unsynced = 0
+        clean = False
+        try:
+            while True:
+                item = inbox.get()
+                if isinstance(item, Exception):
+                    raise item
+                if item is not None:
+                    counts = self.repo.append(session_id, framing.unpack_records(item))
+                    frames += 1
+                    unsynced += len(item)
+                    stored += counts.stored
+                    dropped += counts.dropped
+                    stored_bytes += counts.bytes_stored
+                if item is None or unsynced >= UPLOAD_SYNC_BYTES or (unsynced and inbox.empty()):
+                    self.repo.sync(session_id)
+                    unsynced = 0
+                    yield UPLOAD_ACK.pack(frames, stored, dropped, stored_bytes)
+                if item is None:
+                    clean = True
+                    return
+        except (errors.PysrbupError, framing.FrameError) as exc:
+            self.repo.rollback(session_id)
+            clean = True
+            _abort(context, exc)
+        finally:
+            stop.set()
+            if not clean:  # client gone mid-stream: nothing unacknowledged is kept
+                self.repo.rollback(session_id)
+
     @_guarded
     def PutSessionKey(self, request, context):
         self.repo.put_session_key(request.key_id, request.wrapped)
@@ -168,9 +239,8 @@ class BackupServicer(service_pb2_grpc.BackupServicer):
     def ListSnapshots(self, request, context):
         yield from self.repo.snapshots()
 
-    @_guarded_stream
-    def Fetch(self, request, context):
-        oids = split_ids(request.ids)
+    def _fetch_frames(self, ids: bytes):
+        oids = split_ids(ids)
         if len(oids) > MAX_FETCH_IDS:
             raise errors.UsageError(f"at most {MAX_FETCH_IDS} ids per fetch")
         batch: list = []
@@ -179,10 +249,21 @@ class BackupServicer(service_pb2_grpc.BackupServicer):
             batch.append(record)
             size += len(record[2]) + framing.RECORD_OVERHEAD
             if size >= FETCH_FRAME_BYTES:
-                yield service_pb2.FetchFrame(frame=bytes(framing.pack_records(batch)))
+                yield bytes(framing.pack_records(batch))
                 batch, size = [], 0
         if batch:
-            yield service_pb2.FetchFrame(frame=bytes(framing.pack_records(batch)))
+            yield bytes(framing.pack_records(batch))
+
+    @_guarded_stream
+    def Fetch(self, request, context):
+        for frame in self._fetch_frames(request.ids):
+            yield service_pb2.FetchFrame(frame=frame)
+
+    @_guarded_stream
+    def FetchRaw(self, request, context):
+        """Fetch over the raw-bytes method: the request is the concatenated ids,
+        each reply one frame (no protobuf around bulk data)."""
+        yield from self._fetch_frames(request)
 
     @_guarded
     def GetChallenge(self, request, context):

@@ -1,0 +1,43 @@
+"""glibc malloc tuning for a process that moves large buffers around.
+
+By default glibc serves every allocation above 128 KiB (a threshold that
+adapts up to 32 MiB) with a fresh ``mmap``, and gives freed heap memory back
+to the kernel early. Every megabyte-sized chunk, compressed payload, envelope
+or frame then lands on fresh pages, and on this class of machine a page fault
+costs 4-5 µs per 4 KiB: copying 1 MiB into a fresh ``bytes`` runs at about
+2 GB/s instead of about 10 GB/s into reused heap memory (measured with
+``bytes(view)`` of 1 MiB slices). Raising the mmap and trim thresholds keeps
+freed buffers in the heap for the next one. Peak memory stays bounded by the
+pipelines' queues; a few arenas (``ARENA_MAX``) keep threads from each
+holding on to their own free memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+M_ARENA_MAX = -8
+MMAP_THRESHOLD = 32 * 1024 * 1024
+TRIM_THRESHOLD = 64 * 1024 * 1024
+#: Every arena keeps its own free memory: a few arenas bound the retained total.
+ARENA_MAX = 4
+
+_done = False
+
+
+def tune_malloc() -> bool:
+    """Applies the thresholds once per process; False where glibc is not there."""
+    global _done
+    if _done:
+        return True
+    with contextlib.suppress(OSError, AttributeError, TypeError):
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        ok = libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
+        ok = libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1 and ok
+        ok = libc.mallopt(M_ARENA_MAX, ARENA_MAX) == 1 and ok
+        _done = ok
+    return _done
