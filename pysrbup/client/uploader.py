@@ -1,25 +1,42 @@
-"""Streams sealed objects to the server in large framed batches.
+"""Streams sealed objects to the server in framed batches, acknowledged as they become durable.
 
-Producers ``put`` (id, envelope) pairs; one thread packs them into frames and
-streams them in Upload calls of up to ``call_bytes`` each. A call returns
-only once the server has made its objects durable, so ``finish`` returning
-means every object put is stored.
+Producers ``put`` (id, envelope) pairs from any thread. Every ``FRAME_BYTES``
+of them become one frame, built with a single copy (``bytes.join`` of the
+record headers and envelopes). One sender thread keeps a raw-bytes upload
+stream open (``Connection.upload_frames``, no protobuf around the frames);
+the server acknowledges frames once they are fsynced and indexed, and for each
+acknowledged frame the uploader calls ``on_durable`` with its ids, which is
+what lets the files cache record a file only once all its chunks are stored.
+
+At most ``WINDOW_BYTES`` of frames are unacknowledged at a time (producers
+block beyond that), which bounds memory and what a failure can cost. When the
+stream breaks (server restart, network cut) the sender reconnects with
+exponential backoff, begins a new session if the server forgot the old one,
+and re-sends every unacknowledged frame; a duplicate of an object the server
+already made durable is simply dropped there. It gives up after
+``retry_seconds`` without progress.
 """
 
 from __future__ import annotations
 
-import queue
+import os
+import struct
 import threading
+import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from pysrbup._native import framing
 from pysrbup.client.connection import Connection
-from pysrbup.errors import PysrbupError, ServerUnavailableError
+from pysrbup.errors import NotFoundError, PysrbupError, ServerUnavailableError
 
 FRAME_BYTES = 4 * 1024 * 1024
-CALL_BYTES = 128 * 1024 * 1024
-QUEUE_ITEMS = 32
-_DONE = object()
+WINDOW_BYTES = 32 * 1024 * 1024
+RETRY_SECONDS = float(os.environ.get("PYSRBUP_RETRY_SECONDS", "30"))
+ACK = struct.Struct("<QQQQ")  # server/servicer.py UPLOAD_ACK
+_FRAME_HEADER = struct.Struct("<4sI")
+_RECORD_HEADER = struct.Struct("<32sBI")
 
 
 @dataclass
@@ -28,87 +45,209 @@ class UploadStats:
     bytes_sent: int = 0
     objects_stored: int = 0
     objects_dropped: int = 0
+    bytes_stored: int = 0
+    retries: int = 0
+    new_sessions: int = 0
+
+
+@dataclass
+class _Frame:
+    data: bytes
+    oids: list[bytes]
+    payload_bytes: int
+
+
+def build_frame(records: list[tuple[bytes, object]]) -> bytes:
+    """One frame (see framing_pure) of (id, envelope) records with flags 0, in one copy."""
+    parts: list = [_FRAME_HEADER.pack(framing.MAGIC, len(records))]
+    for oid, envelope in records:
+        parts.append(_RECORD_HEADER.pack(oid, 0, len(envelope)))
+        parts.append(envelope)
+    return b"".join(parts)
 
 
 class Uploader:
-    """One background upload stream for a session."""
+    """One background upload stream for a backup."""
 
-    def __init__(self, conn: Connection, session_id: str):
+    def __init__(
+        self,
+        conn: Connection,
+        session_id: str,
+        on_durable: Callable[[list[bytes]], None] | None = None,
+        retry_seconds: float = RETRY_SECONDS,
+        warn: Callable[[str], None] | None = None,
+    ):
         self.conn = conn
         self.session_id = session_id
         self.stats = UploadStats()
-        self._queue: queue.Queue = queue.Queue(maxsize=QUEUE_ITEMS)
-        self._error: BaseException | None = None
+        self.on_durable = on_durable
+        self.retry_seconds = retry_seconds
+        self.warn = warn or (lambda message: None)
+        self._cv = threading.Condition()
+        self._batch: list[tuple[bytes, object]] = []
+        self._batch_bytes = 0
+        self._pending: deque[_Frame] = deque()  # built, not handed to a call
+        self._inflight: deque[_Frame] = deque()  # handed to the current call, unacknowledged
+        self._unacked = 0
         self._closing = False
+        self._generation = 0
+        self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="pysrbup-upload", daemon=True)
         self._thread.start()
 
+    # ---- producers -------------------------------------------------------------
+
     def put(self, oid: bytes, envelope) -> None:
-        """Queues one object; blocks while the queue is full; raises if uploading failed."""
-        while True:
+        """Queues one object; blocks while the window is full; raises if uploading failed."""
+        with self._cv:
             if self._error is not None:
                 raise self._failure()
-            try:
-                self._queue.put((oid, envelope), timeout=0.2)
+            self._batch.append((oid, envelope))
+            self._batch_bytes += len(envelope) + framing.RECORD_OVERHEAD
+            if self._batch_bytes < FRAME_BYTES:
                 return
-            except queue.Full:
-                continue
+            batch, self._batch, self._batch_bytes = self._batch, [], 0
+        self._enqueue(batch)
+
+    def _enqueue(self, batch: list[tuple[bytes, object]]) -> None:
+        frame = _Frame(build_frame(batch), [oid for oid, _ in batch], 0)
+        frame.payload_bytes = sum(len(env) for _, env in batch)
+        with self._cv:
+            while self._unacked >= WINDOW_BYTES and self._error is None:
+                self._cv.wait(0.5)
+            if self._error is not None:
+                raise self._failure()
+            self._pending.append(frame)
+            self._unacked += len(frame.data)
+            self.stats.objects_sent += len(frame.oids)
+            self.stats.bytes_sent += frame.payload_bytes
+            self._cv.notify_all()
+
+    def flush(self) -> None:
+        """Sends the partial batch now (e.g. so that the files cache can record it)."""
+        with self._cv:
+            batch, self._batch, self._batch_bytes = self._batch, [], 0
+        if batch:
+            self._enqueue(batch)
 
     def finish(self) -> UploadStats:
         """Waits until everything put is durable on the server."""
-        while self._thread.is_alive():
-            if self._error is not None:
-                break
-            try:
-                self._queue.put(_DONE, timeout=0.2)
-                break
-            except queue.Full:
-                continue
+        self.flush()
+        with self._cv:
+            self._closing = True
+            self._cv.notify_all()
         self._thread.join()
         if self._error is not None:
             raise self._failure()
         return self.stats
+
+    def abort(self) -> None:
+        """Stops sending; what was not acknowledged is dropped by the server."""
+        with self._cv:
+            if self._error is None:
+                self._error = PysrbupError("upload aborted")
+            self._closing = True
+            self._generation += 1
+            self._cv.notify_all()
+        call = getattr(self, "_call", None)
+        if call is not None:
+            call.cancel()
+        self._thread.join(timeout=10)
 
     def _failure(self) -> PysrbupError:
         if isinstance(self._error, PysrbupError):
             return self._error
         return ServerUnavailableError(f"upload failed: {self._error}")
 
-    def _frames(self):
-        batch: list = []
-        size = call_size = 0
-        while True:
-            item = self._queue.get()
-            if item is _DONE:
-                self._closing = True
-                break
-            batch.append(item)
-            size += len(item[1]) + framing.RECORD_OVERHEAD
-            if size >= FRAME_BYTES:
-                yield self._pack(batch)
-                call_size += size
-                batch, size = [], 0
-                if call_size >= CALL_BYTES:
-                    return
-        if batch:
-            yield self._pack(batch)
+    # ---- the sender ------------------------------------------------------------
 
-    def _pack(self, batch: list) -> bytes:
-        frame = framing.pack_records([(oid, 0, env) for oid, env in batch])
-        self.stats.objects_sent += len(batch)
-        self.stats.bytes_sent += sum(len(env) for _, env in batch)
-        return bytes(frame)
+    def _requests(self, generation: int):
+        """The frames of one call; stops when the call is superseded or all is sent."""
+        while True:
+            with self._cv:
+                while not self._pending and not self._closing and self._generation == generation:
+                    self._cv.wait(0.5)
+                if self._generation != generation or (self._closing and not self._pending):
+                    return
+                frame = self._pending.popleft()
+                self._inflight.append(frame)
+            yield frame.data
+
+    def _acknowledge(self, count: int) -> None:
+        with self._cv:
+            frames = [self._inflight.popleft() for _ in range(min(count, len(self._inflight)))]
+            self._unacked -= sum(len(f.data) for f in frames)
+            self._cv.notify_all()
+        if self.on_durable is not None:
+            for frame in frames:
+                self.on_durable(frame.oids)
+
+    def _done(self) -> bool:
+        with self._cv:
+            return self._closing and not self._pending and not self._inflight
 
     def _run(self) -> None:
-        try:
-            while not self._closing:
-                reply = self.conn.upload(self.session_id, self._frames())
-                self.stats.objects_stored += reply.objects_stored
-                self.stats.objects_dropped += reply.objects_dropped
-        except BaseException as exc:
+        delay = 0.2
+        last_progress = time.monotonic()
+        while True:
+            with self._cv:
+                if self._error is not None:
+                    return
+                self._generation += 1
+                generation = self._generation
+            acked = stored = dropped = stored_bytes = 0
+            try:
+                call, acks = self.conn.upload_frames(self.session_id, self._requests(generation))
+                self._call = call
+                for raw in acks:
+                    frames, n_stored, n_dropped, n_bytes = ACK.unpack(raw)
+                    if frames > acked:
+                        self._acknowledge(frames - acked)
+                        acked = frames
+                        last_progress = time.monotonic()
+                        delay = 0.2
+                    self.stats.objects_stored += n_stored - stored
+                    self.stats.objects_dropped += n_dropped - dropped
+                    self.stats.bytes_stored += n_bytes - stored_bytes
+                    stored, dropped, stored_bytes = n_stored, n_dropped, n_bytes
+                if self._done():
+                    return
+                with self._cv:
+                    if self._error is not None:
+                        return
+                if self._inflight:
+                    raise ServerUnavailableError("the upload stream ended before every frame")
+            except (ServerUnavailableError, NotFoundError) as exc:
+                with self._cv:
+                    if self._error is not None:
+                        return
+                if time.monotonic() - last_progress > self.retry_seconds:
+                    self._fail(exc)
+                    return
+                self._requeue()
+                self.stats.retries += 1
+                self.warn(f"{exc}; retrying in {delay:.1f} s")
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                if isinstance(exc, NotFoundError):
+                    try:
+                        self.session_id = self.conn.begin_session()
+                        self.stats.new_sessions += 1
+                    except ServerUnavailableError:
+                        pass  # retried on the next round
+            except BaseException as exc:
+                self._fail(exc)
+                return
+
+    def _requeue(self) -> None:
+        """Puts every unacknowledged frame back in front of the queue for the next call."""
+        with self._cv:
+            self._generation += 1
+            self._pending.extendleft(reversed(self._inflight))
+            self._inflight.clear()
+            self._cv.notify_all()
+
+    def _fail(self, exc: BaseException) -> None:
+        with self._cv:
             self._error = exc
-            while True:  # unblock producers waiting on a full queue
-                try:
-                    self._queue.get_nowait()
-                except queue.Empty:
-                    break
+            self._cv.notify_all()
