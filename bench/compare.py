@@ -39,6 +39,7 @@ import shutil
 import signal
 import socket
 import stat
+import statistics
 import subprocess
 import sys
 import time
@@ -284,10 +285,12 @@ def wait4_run(cmd: list[str], env: dict | None = None, cwd: str | None = None):
     return RUN.run(cmd, env, cwd)
 
 
-def dir_size(path: str) -> int:
+def dir_size(path: str, skip_suffix: str | None = None) -> int:
     total = 0
     for dirpath, _dirs, files in os.walk(path):
         for name in files:
+            if skip_suffix and name.endswith(skip_suffix):
+                continue
             with contextlib.suppress(OSError):
                 total += os.lstat(os.path.join(dirpath, name)).st_size
     return total
@@ -318,6 +321,7 @@ class Tool:
     name: str
     results: dict[str, Run] = field(default_factory=dict)
     repo_size: int = 0
+    repo_total: int = 0  # with ECC parity (pysrbup), else the same as repo_size
     server_hwm: int = 0
 
     def setup(self) -> None: ...
@@ -360,6 +364,7 @@ class Pysrbup(Tool):
         subprocess.run(
             [self.python, "-m", "pysrbup.cli.client", "generate_key", self.key],
             env=self.env,
+            cwd=self.checkout,
             check=True,
             capture_output=True,
         )
@@ -374,6 +379,7 @@ class Pysrbup(Tool):
                 self.repo,
             ],
             env=self.env,
+            cwd=self.checkout,
             stdout=log,
             stderr=log,
         )
@@ -389,7 +395,7 @@ class Pysrbup(Tool):
         with open(f"/proc/{pid}/clear_refs", "w") as handle:  # reset VmHWM
             handle.write("5")
         before = _proc_cpu(pid)
-        run, out, err = wait4_run(cmd, env=self.env)
+        run, out, err = wait4_run(cmd, env=self.env, cwd=self.checkout)
         run.server_cpu = _proc_cpu(pid) - before
         self.server_hwm = max(self.server_hwm, _proc_hwm(pid))
         return run, out, err
@@ -397,7 +403,8 @@ class Pysrbup(Tool):
     def backup(self, phase: str, data: str) -> Run:
         run, out, _ = self._measure(self._client("backup", data, self.key))
         self.last_id = out.strip().splitlines()[-1].split(": ", 1)[1]
-        self.repo_size = dir_size(self.repo)
+        self.repo_size = dir_size(self.repo, skip_suffix=".ecc")  # data, without parity
+        self.repo_total = dir_size(self.repo)
         return run
 
     def restore(self, target: str) -> tuple[Run, str]:
@@ -524,7 +531,12 @@ def table(tools: list[Tool], data_bytes: int) -> str:
             lambda t, p=phase: data_bytes / t.results[p].seconds / MB,
             lambda v: f"{v:.0f}",
         )
-    row("repository (MB)", lambda t: t.repo_size / MB, lambda v: f"{v:.1f}")
+    row("repository data (MB)", lambda t: t.repo_size / MB, lambda v: f"{v:.1f}")
+    row(
+        "repository with ECC parity (MB)",
+        lambda t: (t.repo_total or t.repo_size) / MB,
+        lambda v: f"{v:.1f}",
+    )
     for phase in PHASES:
         row(
             f"{phase} client CPU (s)",
@@ -549,6 +561,82 @@ def table(tools: list[Tool], data_bytes: int) -> str:
     return "\n".join(lines)
 
 
+def make_tools(args, wanted: list[str], work: str, python: str) -> list[Tool]:
+    tools: list[Tool] = []
+    for item in args.pysrbup:
+        name, _, path = item.partition("=")
+        tools.append(Pysrbup(name, os.path.abspath(path), work, args.threads, python))
+    if "pysrbup" in wanted:
+        tools.append(Pysrbup("pysrbup", ROOT, work, args.threads, python))
+    if "restic" in wanted:
+        tools.append(Restic(work))
+    if "borg" in wanted:
+        tools.append(Borg(work))
+    return tools
+
+
+def _log(phase: str, tool: Tool) -> None:
+    print(f"{phase:10} {tool.name:14} {tool.results[phase].seconds:7.2f} s", file=sys.stderr)
+
+
+def one_round(tools: list[Tool], work: str, size_mb: int) -> tuple[dict, dict]:
+    """Fresh data and repositories; every phase for every tool, interleaved."""
+    data = os.path.join(work, "data")
+    t0 = time.perf_counter()
+    described = generate(data, size_mb)
+    print(f"generated {described} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    try:
+        for tool in tools:
+            tool.setup()
+        for phase in ("initial", "unchanged"):
+            for tool in tools:
+                tool.results[phase] = tool.backup(phase, data)
+                _log(phase, tool)
+        mutated = mutate(data, size_mb)
+        print(f"mutated: {mutated}", file=sys.stderr)
+        for tool in tools:
+            tool.results["mutated"] = tool.backup("mutated", data)
+            _log("mutated", tool)
+        expected = tree_digest(data)
+        for tool in tools:
+            target = os.path.join(work, "restore-" + tool.name)
+            run, where = tool.restore(target)
+            tool.results["restore"] = run
+            _log("restore", tool)
+            restored = os.path.join(where, os.path.relpath(data, "/"))
+            if isinstance(tool, Pysrbup):
+                restored = os.path.join(where, "data")
+            if tree_digest(restored) != expected:
+                raise RuntimeError(f"{tool.name}: the restored tree differs from the source")
+            shutil.rmtree(target)
+    finally:
+        for tool in tools:
+            tool.close()
+    return described, mutated
+
+
+def combine(rounds: list[list[Tool]]) -> list[Tool]:
+    """Per tool and metric, the median over rounds."""
+    if len(rounds) == 1:
+        return rounds[0]
+    combined = []
+    for column in zip(*rounds, strict=True):
+        tool = Tool(column[0].name)
+        for phase in PHASES:
+            runs = [t.results[phase] for t in column]
+            tool.results[phase] = Run(
+                statistics.median(r.seconds for r in runs),
+                statistics.median(r.cpu for r in runs),
+                max(r.max_rss for r in runs),
+                statistics.median(r.server_cpu for r in runs),
+            )
+        tool.repo_size = int(statistics.median(t.repo_size for t in column))
+        tool.repo_total = int(statistics.median(t.repo_total for t in column))
+        tool.server_hwm = max(t.server_hwm for t in column)
+        combined.append(tool)
+    return combined
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=int, default=976, help="data set size in MB (default 976)")
@@ -564,6 +652,9 @@ def main(argv: list[str] | None = None) -> int:
         metavar="NAME=PATH",
         help="an extra pysrbup checkout to compare (e.g. a baseline worktree)",
     )
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="repeat everything; report medians (default 1)"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory")
     parser.add_argument("--json", help="also write the raw figures to this file")
     args = parser.parse_args(argv)
@@ -573,61 +664,23 @@ def main(argv: list[str] | None = None) -> int:
     if os.path.exists(args.work):
         shutil.rmtree(args.work)
     os.makedirs(args.work)
-    data = os.path.join(args.work, "data")
     global RUN
     RUN = Runner(args.work)
     python = sys.executable
 
-    tools: list[Tool] = []
-    for item in args.pysrbup:
-        name, _, path = item.partition("=")
-        tools.append(Pysrbup(name, os.path.abspath(path), args.work, args.threads, python))
-    if "pysrbup" in wanted:
-        tools.append(Pysrbup("pysrbup", ROOT, args.work, args.threads, python))
-    if "restic" in wanted:
-        tools.append(Restic(args.work))
-    if "borg" in wanted:
-        tools.append(Borg(args.work))
-
-    t0 = time.perf_counter()
-    described = generate(data, args.size)
-    print(f"generated {described} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    rounds: list[list[Tool]] = []
     try:
-        for tool in tools:
-            tool.setup()
-        for phase in ("initial", "unchanged"):
-            for tool in tools:
-                tool.results[phase] = tool.backup(phase, data)
-                print(
-                    f"{phase:10} {tool.name:14} {tool.results[phase].seconds:7.2f} s",
-                    file=sys.stderr,
-                )
-        mutated = mutate(data, args.size)
-        print(f"mutated: {mutated}", file=sys.stderr)
-        for tool in tools:
-            tool.results["mutated"] = tool.backup("mutated", data)
-            print(
-                f"{'mutated':10} {tool.name:14} {tool.results['mutated'].seconds:7.2f} s",
-                file=sys.stderr,
-            )
-        expected = tree_digest(data)
-        for tool in tools:
-            target = os.path.join(args.work, "restore-" + tool.name)
-            run, where = tool.restore(target)
-            tool.results["restore"] = run
-            print(f"{'restore':10} {tool.name:14} {run.seconds:7.2f} s", file=sys.stderr)
-            restored = os.path.join(where, os.path.relpath(data, "/"))
-            if isinstance(tool, Pysrbup):
-                restored = os.path.join(where, "data")
-            if tree_digest(restored) != expected:
-                raise RuntimeError(f"{tool.name}: the restored tree differs from the source")
-            shutil.rmtree(target)
+        for number in range(args.rounds):
+            work = os.path.join(args.work, f"round{number}")
+            tools = make_tools(args, wanted, work, python)
+            described, mutated = one_round(tools, work, args.size)
+            data_bytes = sum(os.path.getsize(f) for f in _all_files(os.path.join(work, "data")))
+            rounds.append(tools)
+            if not args.keep:
+                shutil.rmtree(work, ignore_errors=True)
     finally:
-        for tool in tools:
-            tool.close()
         RUN.close()
-
-    data_bytes = sum(os.path.getsize(f) for f in _all_files(data))
+    tools = combine(rounds)
     versions = {
         "restic": _version(["restic", "version"]),
         "borg": _version(["borg", "--version"]),
@@ -638,7 +691,11 @@ def main(argv: list[str] | None = None) -> int:
         f"mutation: {mutated}; {os.cpu_count()} CPUs; --num-threads={args.threads}; "
         + ", ".join(f"{k}: {v}" for k, v in versions.items() if k in wanted)
     )
-    print("All restores verified identical to the source. Ratios are against restic.\n")
+    print(
+        "All restores verified identical to the source. Ratios are against restic"
+        + (f"; medians of {args.rounds} rounds." if args.rounds > 1 else ".")
+        + "\n"
+    )
     print(table(tools, data_bytes))
     if args.json:
         with open(args.json, "w") as handle:
@@ -649,6 +706,7 @@ def main(argv: list[str] | None = None) -> int:
                     "tools": {
                         t.name: {
                             "repo_size": t.repo_size,
+                            "repo_total": t.repo_total,
                             "server_hwm": t.server_hwm,
                             **{p: vars(r) for p, r in t.results.items()},
                         }

@@ -10,7 +10,9 @@ so writing into them does not disturb their times.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import queue
 import sys
 import threading
 from collections import defaultdict
@@ -18,6 +20,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from pysrbup.client.memtune import tune_malloc
 from pysrbup.client.progress import Progress
 from pysrbup.client.repository import RemoteRepository
 from pysrbup.errors import IncompleteError, IntegrityError, PysrbupError, RestoreTargetError
@@ -26,6 +29,8 @@ from pysrbup.repo import tree
 
 FETCH_IDS = 1024
 FETCH_BYTES = 64 * 1024 * 1024
+#: Records fetched ahead of the decrypting workers.
+PREFETCH_FRAMES = 16
 
 
 @dataclass
@@ -67,6 +72,7 @@ class Restore:
         progress: Progress | None = None,
         warn: Callable[[str], None] | None = None,
     ):
+        tune_malloc()
         self.repo = repo
         self.opener = repo.opener
         self.num_threads = max(1, num_threads)
@@ -86,7 +92,9 @@ class Restore:
     def _fetch_objects(self, oids: list[bytes]):
         """Yields (id, plaintext or None) for ``oids``; None when missing or damaged."""
         for start in range(0, len(oids), FETCH_IDS):
-            for oid, status, payload in self.repo.conn.fetch(oids[start : start + FETCH_IDS]):
+            for oid, status, payload in self.repo.conn.fetch_frames(
+                oids[start : start + FETCH_IDS]
+            ):
                 if status != 0:
                     yield oid, None
                     continue
@@ -204,19 +212,52 @@ class Restore:
 
         with ThreadPoolExecutor(self.num_threads, thread_name_prefix="pysrbup-restore") as pool:
             futures = []
-            for batch in self._batches(oids):
-                for oid, status, payload in self.repo.conn.fetch(batch):
-                    if oid not in self._targets or oid in seen:
-                        continue
-                    seen.add(oid)
-                    slots.acquire()
-                    futures.append(pool.submit(job, oid, payload if status == 0 else None))
+            for oid, status, payload in self._prefetch(oids):
+                if oid not in self._targets or oid in seen:
+                    continue
+                seen.add(oid)
+                slots.acquire()
+                futures.append(pool.submit(job, oid, payload if status == 0 else None))
             for fut in futures:
                 fut.result()
         for oid in oids:
             if oid not in seen:
                 for path, _, _ in self._targets[oid]:
                     self._damage(path)
+
+    def _prefetch(self, oids: list[bytes]):
+        """Yields fetched records; a thread keeps the next batches coming (read-ahead)."""
+        records: queue.Queue = queue.Queue(maxsize=PREFETCH_FRAMES)
+        done = object()
+        stop = threading.Event()
+
+        def fetch() -> None:
+            try:
+                for batch in self._batches(oids):
+                    for record in self.repo.conn.fetch_frames(batch):
+                        if stop.is_set():
+                            return
+                        records.put(record)
+            except BaseException as exc:
+                records.put(exc)
+            finally:
+                records.put(done)
+
+        thread = threading.Thread(target=fetch, name="pysrbup-fetch", daemon=True)
+        thread.start()
+        try:
+            while True:
+                item = records.get()
+                if item is done:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            while thread.is_alive():  # unblock a fetcher waiting on a full queue
+                with contextlib.suppress(queue.Empty):
+                    records.get(timeout=0.1)
 
     def _batches(self, oids: list[bytes]):
         batch: list[bytes] = []
