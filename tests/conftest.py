@@ -105,9 +105,9 @@ class Client:
     address: str
     env: dict
 
-    def run(self, *args: str, check: bool = False, timeout: float = 300, prefix=(), **kwargs):
-        cmd = [
-            *prefix,
+    def command(self, *args: str) -> list[str]:
+        """The pysrbup-client command line for ``args`` against this server."""
+        return [
             sys.executable,
             "-m",
             "pysrbup.cli.client",
@@ -115,7 +115,10 @@ class Client:
             "--num-threads=2",
             *args,
         ]
+
+    def run(self, *args: str, check: bool = False, timeout: float = 300, prefix=(), **kwargs):
         kwargs.setdefault("env", self.env)
+        cmd = [*prefix, *self.command(*args)]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kwargs)
         if check and proc.returncode != 0:
             raise AssertionError(
@@ -123,11 +126,18 @@ class Client:
             )
         return proc
 
+    def spawn(self, *args: str) -> subprocess.Popen:
+        """Starts the client in the background (text pipes), for concurrency and kill tests."""
+        return subprocess.Popen(
+            self.command(*args),
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
     def backup(self, source: str, key: str) -> str:
-        proc = self.run("backup", source, key, check=True)
-        last = proc.stdout.strip().splitlines()[-1]
-        assert last.startswith("Completed backup id: "), proc.stdout
-        return last.split(": ", 1)[1]
+        return backup_id_in(self.run("backup", source, key, check=True).stdout)
 
 
 @pytest.fixture
@@ -165,6 +175,13 @@ def key_file(tmp_path):
     path = str(tmp_path / "key")
     write_key_file(path, MasterKey.generate())
     return path
+
+
+def backup_id_in(stdout: str) -> str:
+    """The id from backup's last line, ``Completed backup id: <ID>``."""
+    last = stdout.strip().splitlines()[-1]
+    assert last.startswith("Completed backup id: "), stdout
+    return last.removeprefix("Completed backup id: ")
 
 
 def assert_no_traceback(proc) -> None:

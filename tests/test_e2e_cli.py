@@ -8,8 +8,8 @@ import stat
 import subprocess
 import sys
 
-from conftest import assert_no_traceback
-from trees import make_full_tree, random_bytes, snapshot_tree
+from conftest import assert_no_traceback, backup_id_in
+from trees import dir_size, make_full_tree, random_bytes, snapshot_tree
 
 
 def test_roundtrip_every_file_kind(tmp_path, client, key_file):
@@ -17,7 +17,7 @@ def test_roundtrip_every_file_kind(tmp_path, client, key_file):
     make_full_tree(src)
     proc = client.run("backup", src, key_file, check=True)
     assert "skipping special file" in proc.stderr
-    backup_id = proc.stdout.strip().splitlines()[-1].removeprefix("Completed backup id: ")
+    backup_id = backup_id_in(proc.stdout)
     client.run("restore", backup_id, str(tmp_path / "out"), key_file, check=True)
     restored = str(tmp_path / "out" / "src")
     assert snapshot_tree(restored) == snapshot_tree(src)
@@ -57,25 +57,17 @@ def test_dedup_across_backups_stores_once(tmp_path, client, key_file, server):
     src.mkdir()
     (src / "data.bin").write_bytes(random_bytes(6 * 1024 * 1024, 5))
     first = json.loads(client.run("--json", "backup", str(src), key_file, check=True).stdout)
-    size_after_first = _dir_size(server.repo)
+    size_after_first = dir_size(server.repo)
     (src / "copy.bin").write_bytes((src / "data.bin").read_bytes())
     second = json.loads(client.run("--json", "backup", str(src), key_file, check=True).stdout)
     assert first["bytes_new"] >= 6 * 1024 * 1024
     assert second["bytes_read"] == 12 * 1024 * 1024
     assert second["bytes_new"] < 64 * 1024  # only the changed directory tree
-    assert _dir_size(server.repo) - size_after_first < 256 * 1024
+    assert dir_size(server.repo) - size_after_first < 256 * 1024
     for backup_id in (first["backup_id"], second["backup_id"]):
         out = tmp_path / f"out-{backup_id}"
         client.run("restore", backup_id, str(out), key_file, check=True)
         assert (out / "src" / "data.bin").read_bytes() == (src / "data.bin").read_bytes()
-
-
-def _dir_size(path: str) -> int:
-    total = 0
-    for root, _, files in os.walk(path):
-        for name in files:
-            total += os.path.getsize(os.path.join(root, name))
-    return total
 
 
 def test_two_clients_at_once(tmp_path, client, key_file):
@@ -87,29 +79,12 @@ def test_two_clients_at_once(tmp_path, client, key_file):
         (src / "shared.bin").write_bytes(shared)
         (src / "own.bin").write_bytes(random_bytes(4 * 1024 * 1024, 100 + i))
         sources.append(src)
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "pysrbup.cli.client",
-                f"--server-address={client.address}",
-                "backup",
-                str(src),
-                key_file,
-            ],
-            env=client.env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for src in sources
-    ]
+    procs = [client.spawn("backup", str(src), key_file) for src in sources]
     ids = []
     for proc in procs:
         out, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err
-        ids.append(out.strip().splitlines()[-1].removeprefix("Completed backup id: "))
+        ids.append(backup_id_in(out))
     for src, backup_id in zip(sources, ids, strict=False):
         out = tmp_path / f"restore-{backup_id}"
         client.run("restore", backup_id, str(out), key_file, check=True)

@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import assert_no_traceback
+from conftest import assert_no_traceback, backup_id_in
 from trees import random_bytes, snapshot_tree
 
 from pysrbup.server import ecc, packs
@@ -260,23 +260,14 @@ def test_kill_9_during_uploads_repeatedly(tmp_path, client, key_file, server):
         src.mkdir()
         for i in range(4):
             (src / f"part{i}.bin").write_bytes(random_bytes(6 * 1024 * 1024, 100 * attempt + i))
-        cmd = [
-            sys.executable,
-            "-m",
-            "pysrbup.cli.client",
-            f"--server-address={client.address}",
-            "backup",
-            str(src),
-            key_file,
-        ]
-        proc = subprocess.Popen(cmd, env=client.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc = client.spawn("backup", str(src), key_file)
         time.sleep(rng.uniform(0.4, 1.6))
         server.kill()
         out, err = proc.communicate(timeout=120)
         if proc.returncode == 0:
-            completed[out.decode().strip().splitlines()[-1].split(": ")[1]] = str(src)
+            completed[backup_id_in(out)] = str(src)
         else:
-            assert b"Traceback" not in err
+            assert "Traceback" not in err
         server.start()
         for backup_id, path in completed.items():
             out_dir = tmp_path / f"check{attempt}-{backup_id}"

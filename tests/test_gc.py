@@ -4,26 +4,23 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
 
 import grpc
 import pytest
-from conftest import Client, ServerProcess, assert_no_traceback, base_env, free_port
-from trees import random_bytes, snapshot_tree
+from conftest import (
+    Client,
+    ServerProcess,
+    assert_no_traceback,
+    backup_id_in,
+    base_env,
+    free_port,
+)
+from trees import dir_size, random_bytes, snapshot_tree
 
 from pysrbup.crypto.keys import load_key_file
 from pysrbup.proto import service_pb2, service_pb2_grpc
 from pysrbup.repo.auth import condemn_message
-
-
-def _size(path: str) -> int:
-    return sum(
-        os.path.getsize(os.path.join(root, name))
-        for root, _, files in os.walk(path)
-        for name in files
-    )
 
 
 def _pack_bytes(repo: str) -> int:
@@ -42,14 +39,14 @@ def test_deleting_only_backup_frees_almost_everything(tmp_path, client, key_file
     (src / "a.bin").write_bytes(random_bytes(12 * 1024 * 1024, 1))
     (src / "b.txt").write_text("text " * 100000)
     backup_id = client.backup(str(src), key_file)
-    before = _size(server.repo)
+    before = dir_size(server.repo)
     assert before > 12 * 1024 * 1024
     proc = client.run("--json", "delete", backup_id, key_file, check=True)
     report = json.loads(proc.stdout)
     assert report["deleted"] == backup_id
     assert report["bytes_freed"] > 12 * 1024 * 1024
     assert _pack_bytes(server.repo) == 0
-    assert _size(server.repo) < before * 0.05
+    assert dir_size(server.repo) < before * 0.05
     assert client.run("list", check=True).stdout.strip() == ""
 
 
@@ -87,7 +84,7 @@ def test_destructive_requests_need_a_valid_fresh_proof(tmp_path, client, key_fil
     src.mkdir()
     (src / "f.bin").write_bytes(random_bytes(200_000, 3))
     backup_id = client.backup(str(src), key_file)
-    before = _size(os.path.join(server.repo, "packs"))
+    before = dir_size(os.path.join(server.repo, "packs"))
     key = load_key_file(key_file)
     channel, stub = _stub(server.address)
     info = stub.GetInfo(service_pb2.InfoRequest())
@@ -132,7 +129,7 @@ def test_destructive_requests_need_a_valid_fresh_proof(tmp_path, client, key_fil
         stub.Condemn(request)
     assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
     channel.close()
-    assert _size(os.path.join(server.repo, "packs")) == before
+    assert dir_size(os.path.join(server.repo, "packs")) == before
     client.run("restore", backup_id, str(tmp_path / "out"), key_file, check=True)
     assert snapshot_tree(str(tmp_path / "out" / "src")) == snapshot_tree(str(src))
 
@@ -177,16 +174,6 @@ def test_append_only_refuses_deletes(tmp_path, key_file, cache_dir):
         srv.stop()
 
 
-def _spawn(client: Client, *args: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "pysrbup.cli.client", f"--server-address={client.address}", *args],
-        env=client.env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
 @pytest.mark.slow
 def test_concurrent_backups_and_deletes_never_lose_data(tmp_path, client, key_file):
     """Each round deletes the previous round's backups while new backups reuse their data."""
@@ -200,9 +187,9 @@ def test_concurrent_backups_and_deletes_never_lose_data(tmp_path, client, key_fi
             src.mkdir()
             (src / "carried.bin").write_bytes(carried)  # deduplicated against the doomed backups
             (src / "fresh.bin").write_bytes(random_bytes(2 * 1024 * 1024, 1000 * round_no + i))
-            procs.append((str(src), _spawn(client, "backup", str(src), key_file)))
+            procs.append((str(src), client.spawn("backup", str(src), key_file)))
         time.sleep(delay)
-        deleters = [_spawn(client, "delete", old, key_file) for old in previous]
+        deleters = [client.spawn("delete", old, key_file) for old in previous]
         for proc in deleters:
             _, err = proc.communicate(timeout=300)
             assert proc.returncode == 0, err
@@ -212,7 +199,7 @@ def test_concurrent_backups_and_deletes_never_lose_data(tmp_path, client, key_fi
         for src, proc in procs:
             out, err = proc.communicate(timeout=300)
             assert proc.returncode == 0, err
-            backup_id = out.strip().splitlines()[-1].removeprefix("Completed backup id: ")
+            backup_id = backup_id_in(out)
             completed[backup_id] = src
             previous.append(backup_id)
         carried = random_bytes(3 * 1024 * 1024, 600 + round_no)
@@ -233,7 +220,7 @@ def test_client_killed_during_delete_then_rerun(tmp_path, client, key_file, serv
         (src / "own.bin").write_bytes(random_bytes(3 * 1024 * 1024, 70 + i))
         sources[client.backup(str(src), key_file)] = str(src)
     for victim, delay in zip(list(sources)[:3], (0.05, 0.3, 0.6), strict=True):
-        proc = _spawn(client, "delete", victim, key_file)
+        proc = client.spawn("delete", victim, key_file)
         time.sleep(delay)
         proc.kill()
         proc.communicate()

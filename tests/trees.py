@@ -61,3 +61,12 @@ def snapshot_tree(root: str, skip_special: bool = True) -> dict:
                 entry = ("special",)
             result[rel] = (*entry, st.st_uid, st.st_gid)
     return result
+
+
+def dir_size(path: str) -> int:
+    """Bytes of every file below ``path``."""
+    return sum(
+        os.path.getsize(os.path.join(root, name))
+        for root, _, files in os.walk(path)
+        for name in files
+    )
