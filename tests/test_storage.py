@@ -124,3 +124,18 @@ def test_hostile_snapshot_ids_and_sessions(tmp_path):
     with pytest.raises(NotFoundError):
         repo.delete_snapshot("../../etc", b"", b"")
     repo.close()
+
+
+def test_retried_commit_is_idempotent(tmp_path):
+    repo = Repository(str(tmp_path / "r"))
+    first = repo.begin_session()
+    repo.append(first, [(_oid(1), 0, b"data")])
+    repo.sync(first)
+    assert repo.commit_snapshot(first, "0123456789abcdef", b"record", 0) == "0123456789abcdef"
+    retry = repo.begin_session()  # the reply was lost; the client retries in a new session
+    assert repo.commit_snapshot(retry, "0123456789abcdef", b"record", 0) == "0123456789abcdef"
+    other = repo.begin_session()
+    with pytest.raises(UsageError, match="already exists"):
+        repo.commit_snapshot(other, "0123456789abcdef", b"another record", 0)
+    assert [i.snapshot_id for i in repo.snapshots()] == ["0123456789abcdef"]
+    repo.close()

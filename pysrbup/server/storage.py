@@ -400,6 +400,13 @@ class Repository:
             with open(os.path.join(folder, name), "rb") as handle:
                 yield bytes.fromhex(name), handle.read(MAX_WRAPPED_KEY)
 
+    def _forget_session(self, session_id: str) -> None:
+        with self._sessions_lock:
+            session = self._sessions.pop(session_id, None)
+        if session is not None:
+            with session.lock:
+                self._seal_session_pack(session)
+
     def end_session(self, session_id: str) -> Session:
         """Seals the session's pack and forgets the session."""
         session = self._session(session_id)
@@ -424,6 +431,12 @@ class Repository:
             raise UsageError("malformed snapshot record")
         path = self._snapshot_path(snapshot_id)
         if os.path.exists(path):
+            existing = service_pb2.SnapshotInfo()
+            with open(path, "rb") as handle:
+                existing.ParseFromString(handle.read())
+            if existing.record == record:  # a retried commit whose reply was lost
+                self._forget_session(session_id)
+                return snapshot_id
             raise UsageError(f"snapshot {snapshot_id} already exists")
         session = self._session(session_id)
         with session.lock:
