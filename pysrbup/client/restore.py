@@ -20,7 +20,6 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from pysrbup.client.memtune import tune_malloc
 from pysrbup.client.progress import Progress
 from pysrbup.client.repository import RemoteRepository
 from pysrbup.errors import IncompleteError, IntegrityError, PysrbupError, RestoreTargetError
@@ -72,7 +71,8 @@ class Restore:
         progress: Progress | None = None,
         warn: Callable[[str], None] | None = None,
     ):
-        tune_malloc()
+        # No malloc tuning here: measured, it bloats peak RSS (294 vs 164 MiB on
+        # 300 MB) without making restore faster.
         self.repo = repo
         self.opener = repo.opener
         self.num_threads = max(1, num_threads)
@@ -135,6 +135,10 @@ class Restore:
             return
         raise RestoreTargetError(f"{path} already exists; restore elsewhere or use --force")
 
+    def _create_flags(self) -> int:
+        excl = 0 if self.force else os.O_EXCL
+        return os.O_WRONLY | os.O_CREAT | os.O_TRUNC | excl | os.O_NOFOLLOW
+
     def _replace(self, path: str) -> None:
         if self.force and os.path.lexists(path) and not os.path.isdir(path):
             os.unlink(path)
@@ -150,14 +154,22 @@ class Restore:
                 next_level.append((path, node.subtree))
             elif node.type == repo_pb2.NODE_FILE:
                 self._replace(path)
-                flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | (0 if self.force else os.O_EXCL)
-                fd = os.open(path, flags | os.O_NOFOLLOW, 0o600)
-                try:
-                    os.ftruncate(fd, node.size)
-                finally:
-                    os.close(fd)
-                for oid, offset, size in tree.file_chunks(node, path):
-                    self._targets[oid].append((path, offset, size))
+                chunks = tree.file_chunks(node, path)
+                if len(chunks) == 1:
+                    # One chunk: the file is created when its data arrives (one
+                    # open instead of two; file creation dominates small files).
+                    if os.path.lexists(path) and not self.force:
+                        raise FileExistsError(path)
+                    oid, offset, size = chunks[0]
+                    self._targets[oid].append((path, -1, size))
+                else:
+                    fd = os.open(path, self._create_flags(), 0o600)
+                    try:
+                        os.ftruncate(fd, node.size)
+                    finally:
+                        os.close(fd)
+                    for oid, offset, size in chunks:
+                        self._targets[oid].append((path, offset, size))
                 self._files.append((path, node))
                 self.result.files += 1
             elif node.type == repo_pb2.NODE_SYMLINK:
@@ -187,10 +199,19 @@ class Restore:
         else:
             data = None
         for path, offset, size in places:
+            whole = offset < 0  # a one-chunk file, created now
             if data is None or len(data) != size:
                 self._damage(path)
+                if whole:  # it still exists, sized, as before
+                    fd = os.open(path, self._create_flags(), 0o600)
+                    os.ftruncate(fd, size)
+                    os.close(fd)
                 continue
-            fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW)
+            if whole:
+                fd = os.open(path, self._create_flags(), 0o600)
+                offset = 0
+            else:
+                fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW)
             try:
                 os.pwrite(fd, data, offset)
             finally:
@@ -222,8 +243,7 @@ class Restore:
                 fut.result()
         for oid in oids:
             if oid not in seen:
-                for path, _, _ in self._targets[oid]:
-                    self._damage(path)
+                self._write_chunk(oid, None)
 
     def _prefetch(self, oids: list[bytes]):
         """Yields fetched records; a thread keeps the next batches coming (read-ahead)."""
