@@ -36,6 +36,7 @@ import os
 import re
 import struct
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -160,14 +161,28 @@ def read_pack_matrix(pack_path: str, k: int, row_len: int) -> tuple[np.ndarray, 
     return data.reshape(k, row_len), got
 
 
-def write_sidecar(pack_path: str, level: EccLevel, block: int = BLOCK_SIZE) -> int:
-    """Computes and durably writes the sidecar of a sealed pack; returns its size."""
+def write_sidecar(
+    pack_path: str,
+    level: EccLevel,
+    block: int = BLOCK_SIZE,
+    verify: Callable[[memoryview], str] | None = None,
+) -> str:
+    """Computes and durably writes the sidecar of a sealed pack.
+
+    The pack is read once; ``verify`` (given the pack's bytes) may refuse it
+    by returning why, and then no parity is written. Returns that reason, or
+    "" once the sidecar is on disk.
+    """
     size = os.path.getsize(pack_path)
     row_len = _row_len(size, level.k, block)
-    data, _ = read_pack_matrix(pack_path, level.k, row_len)
+    data, got = read_pack_matrix(pack_path, level.k, row_len)
+    if verify is not None:
+        problem = verify(memoryview(data.reshape(-1))[:got])
+        if problem:
+            return problem
     parity = rs.encode(data, level.m)
     sums = np.vstack([_block_sums(data, block), _block_sums(parity, block)])
-    meta = _meta(level, block, size, row_len, sums)
+    meta = _meta(level, block, got, row_len, sums)
     path = sidecar_path(pack_path)
     tmp = path + ".tmp"
     with open(tmp, "wb") as handle:
@@ -179,7 +194,7 @@ def write_sidecar(pack_path: str, level: EccLevel, block: int = BLOCK_SIZE) -> i
         os.fsync(handle.fileno())
     os.replace(tmp, path)
     fsync_dir(os.path.dirname(path))
-    return len(meta) * 2 + parity.size + TAIL.size
+    return ""
 
 
 def load_sidecar(path: str) -> Sidecar:

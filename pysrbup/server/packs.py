@@ -235,17 +235,27 @@ def read_record(fd: int, entry_offset: int, length: int, oid: bytes) -> memoryvi
     return payload
 
 
-def damaged_records(path: str) -> list[Entry] | None:
-    """The records of a sealed pack whose checksum fails; None if it has no valid footer."""
-    entries = read_footer(path)
-    if entries is None:
-        return None
-    bad = []
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        for entry in entries:
-            if read_record(fd, entry.offset, entry.length, entry.oid) is None:
-                bad.append(entry)
-    finally:
-        os.close(fd)
-    return bad
+def damaged_in(pack: memoryview) -> str:
+    """Checks a whole sealed pack held in memory: "" if every record verifies, else why not."""
+    size = len(pack)
+    if size < HEADER.size + TRAILER.size:
+        return "too short to be a pack"
+    offset, count, digest, magic = TRAILER.unpack_from(pack, size - TRAILER.size)
+    if magic != TRAILER_MAGIC or offset + count * ENTRY.size + TRAILER.size != size:
+        return "no valid footer"
+    footer = pack[offset : offset + count * ENTRY.size]
+    if checksum(footer) != digest:
+        return "damaged footer"
+    bad = 0
+    for i in range(count):
+        oid, start, length = ENTRY.unpack_from(footer, i * ENTRY.size)
+        head = start - RECORD.size
+        if head < HEADER.size or start + length > offset:
+            bad += 1
+            continue
+        stored_oid, stored_len, stored_sum = RECORD.unpack_from(pack, head)
+        if (stored_oid, stored_len) != (oid, length) or checksum(
+            pack[start : start + length]
+        ) != stored_sum:
+            bad += 1
+    return f"{bad} damaged record(s)" if bad else ""

@@ -170,6 +170,9 @@ class Repository:
         self._sessions_lock = threading.Lock()
         self._session_counter = 0
         self._gc_lock = threading.Lock()
+        # Guards a pack file's life (parity, repair, scrub, compaction) apart from
+        # _gc_lock, so a commit never waits for parity being computed.
+        self._pack_lock = threading.RLock()
         self._challenges: dict[bytes, float] = {}
         self._read_fds: dict[int, int] = {}
         self._read_lock = threading.Lock()
@@ -178,7 +181,7 @@ class Repository:
         self._ecc_thread: threading.Thread | None = None
         self._cleanup_temp_files()
         self.recover()
-        self.collect_garbage()  # no session survives a restart: sweep every condemnation
+        self.collect_garbage(force=True)  # no session survives a restart: sweep every condemnation
         if self.ecc_level is not None:
             for _, name, sealed in self.index.packs():
                 path = os.path.join(self.root, name)
@@ -550,7 +553,7 @@ class Repository:
             with self._sessions_lock:
                 watermark = self._session_counter
             count, _ = self.index.condemn(oids, watermark)
-        freed = self.collect_garbage()
+        freed = self.collect_garbage(force=True)
         return count, freed, self.index.pending_condemned_bytes()
 
     def revive(self, session_id: str, oids: list[bytes]) -> list[bytes]:
@@ -564,10 +567,16 @@ class Repository:
             numbers = [s.number for s in self._sessions.values()]
         return min(numbers) if numbers else None
 
-    def collect_garbage(self) -> int:
-        """Sweeps condemned objects no session relies on and compacts packs; bytes freed."""
+    def collect_garbage(self, force: bool = False) -> int:
+        """Sweeps condemned objects no session relies on and compacts packs; bytes freed.
+
+        Packs are only examined when the sweep removed something (or ``force``),
+        so the commits and session ends that call this stay cheap.
+        """
         with self._gc_lock:
-            self.index.sweep(self._oldest_active_session())
+            swept = self.index.sweep(self._oldest_active_session())
+            if not swept and not force:
+                return 0
             return self._compact()
 
     def _compact(self) -> int:
@@ -584,12 +593,12 @@ class Repository:
             except FileNotFoundError:
                 size = 0
             count, used = usage.get(pack, (0, 0))
-            if count == 0:
-                freed += self._drop_pack(pack, path, size)
-                continue
             live = packs.HEADER.size + used + count * packs.ENTRY.size + packs.TRAILER.size
-            if size - live > COMPACT_DEAD_FRACTION * size:
-                freed += self._rewrite_pack(pack, path, size)
+            with self._pack_lock:
+                if count == 0:
+                    freed += self._drop_pack(pack, path, size)
+                elif size - live > COMPACT_DEAD_FRACTION * size:
+                    freed += self._rewrite_pack(pack, path, size)
         return freed
 
     def _drop_pack(self, pack: int, path: str, size: int) -> int:
@@ -627,7 +636,7 @@ class Repository:
                 path.done.set()
                 continue
             try:
-                with self._gc_lock:  # compaction must not drop the pack meanwhile
+                with self._pack_lock:  # compaction must not drop the pack meanwhile
                     if os.path.exists(path) and not os.path.exists(ecc.sidecar_path(path)):
                         self._write_verified_sidecar(path)
             except OSError as exc:
@@ -639,15 +648,12 @@ class Repository:
         Parity over rotten data would make the rot permanent, so a pack that
         fails here is logged ("detected data corruption") and left unprotected.
         """
-        bad = packs.damaged_records(path)
-        if bad is None or bad:
+        problem = ecc.write_sidecar(path, self.ecc_level, verify=packs.damaged_in)
+        if problem:
             log.error(
-                "detected data corruption in %s (%s); not writing parity over it",
-                path,
-                "no valid footer" if bad is None else f"{len(bad)} damaged record(s)",
+                "detected data corruption in %s (%s); not writing parity over it", path, problem
             )
             return False
-        ecc.write_sidecar(path, self.ecc_level)
         return True
 
     def wait_for_parity(self) -> None:
@@ -660,7 +666,7 @@ class Repository:
     def _repair(self, pack: int) -> bool:
         """Verifies and repairs a pack after a failed read; True if it is now whole."""
         path = os.path.join(self.root, self._pack_names.get(pack, ""))
-        with self._gc_lock:
+        with self._pack_lock:
             result = ecc.check_pack(path)
         if result.blocks_repaired:
             log.warning("repaired %d damaged block(s) of %s", result.blocks_repaired, path)
@@ -673,7 +679,7 @@ class Repository:
             if not sealed:
                 continue
             path = os.path.join(self.root, name)
-            with self._gc_lock:
+            with self._pack_lock:
                 if not os.path.exists(path):
                     continue
                 result = ecc.check_pack(path)
