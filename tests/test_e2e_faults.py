@@ -104,6 +104,7 @@ def test_server_killed_mid_backup_then_rerun(tmp_path, client, key_file, server)
     for i in range(12):
         (src / f"part{i}.bin").write_bytes(random_bytes(8 * 1024 * 1024, 40 + i))
     stored_before = sum(os.path.getsize(p) for p in _pack_files(server.repo))
+    client.env = dict(client.env, PYSRBUP_RETRY_SECONDS="3")  # give up soon: it stays down
     proc = client.spawn("backup", str(src), key_file)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:  # kill once some, not all, data has arrived

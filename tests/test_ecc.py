@@ -253,6 +253,7 @@ def test_lost_index_is_refused_then_rebuilt(tmp_path, client, key_file, server):
 
 @pytest.mark.slow
 def test_kill_9_during_uploads_repeatedly(tmp_path, client, key_file, server):
+    client.env = dict(client.env, PYSRBUP_RETRY_SECONDS="3")
     completed: dict[str, str] = {}
     rng = random.Random(11)
     for attempt in range(4):
@@ -260,7 +261,7 @@ def test_kill_9_during_uploads_repeatedly(tmp_path, client, key_file, server):
         src.mkdir()
         for i in range(4):
             (src / f"part{i}.bin").write_bytes(random_bytes(6 * 1024 * 1024, 100 * attempt + i))
-        proc = client.spawn("backup", str(src), key_file)
+        proc = client.spawn("backup", str(src), key_file)  # gives up 3 s after the kill
         time.sleep(rng.uniform(0.4, 1.6))
         server.kill()
         out, err = proc.communicate(timeout=120)
