@@ -22,21 +22,27 @@ M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 M_ARENA_MAX = -8
 MMAP_THRESHOLD = 32 * 1024 * 1024
-TRIM_THRESHOLD = 64 * 1024 * 1024
+#: Free heap kept per arena. Measured on the 976 MB compare set: 64 MiB with 4
+#: arenas peaked at 237-246 MiB RSS, 8 MiB with 2 arenas at 198-201 MiB, as fast.
+TRIM_THRESHOLD = 8 * 1024 * 1024
 #: Every arena keeps its own free memory: a few arenas bound the retained total.
-ARENA_MAX = 4
+ARENA_MAX = 2
+#: Restore receives 8 MiB frames: mapping those (and anything above 4 MiB)
+#: separately returns them to the kernel when freed. Measured on the compare
+#: set: peak RSS 163-181 MiB against 209-236 MiB untuned, at the same speed.
+RESTORE_MMAP_THRESHOLD = 4 * 1024 * 1024
 
 _done = False
 
 
-def tune_malloc() -> bool:
+def tune_malloc(mmap_threshold: int = MMAP_THRESHOLD) -> bool:
     """Applies the thresholds once per process; False where glibc is not there."""
     global _done
     if _done:
         return True
     with contextlib.suppress(OSError, AttributeError, TypeError):
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        ok = libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
+        ok = libc.mallopt(M_MMAP_THRESHOLD, mmap_threshold) == 1
         ok = libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1 and ok
         ok = libc.mallopt(M_ARENA_MAX, ARENA_MAX) == 1 and ok
         _done = ok

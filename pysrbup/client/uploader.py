@@ -32,7 +32,8 @@ from pysrbup.client.connection import Connection
 from pysrbup.errors import NotFoundError, PysrbupError, ServerUnavailableError
 
 FRAME_BYTES = 4 * 1024 * 1024
-WINDOW_BYTES = 32 * 1024 * 1024
+#: 24 MiB measured as fast as 32 MiB on loopback, with 8 MiB less peak RSS.
+WINDOW_BYTES = 24 * 1024 * 1024
 RETRY_SECONDS = float(os.environ.get("PYSRBUP_RETRY_SECONDS", "30"))
 ACK = struct.Struct("<QQQQ")  # server/servicer.py UPLOAD_ACK
 _FRAME_HEADER = struct.Struct("<4sI")
