@@ -78,7 +78,7 @@ def _backup_stub():
     return stub
 
 
-def test_chunk_and_hash(stage):
+def test_chunk_and_hash(throughput):
     buf = bytearray(len(DATA))
 
     def run():
@@ -89,10 +89,10 @@ def test_chunk_and_hash(stage):
             envelope.object_id(MAC_KEY, view[start:cut])
             start = cut
 
-    stage(run, len(DATA))
+    throughput(run, len(DATA), group="pipeline stages")
 
 
-def test_seal(stage):
+def test_seal(throughput):
     backup = _backup_stub()
     oids = [envelope.object_id(MAC_KEY, c) for c in CHUNKS]
 
@@ -100,10 +100,10 @@ def test_seal(stage):
         for oid, chunk in zip(oids, CHUNKS, strict=True):
             SEALER.seal(oid, chunk, compress=backup._compressible(chunk))
 
-    stage(run, len(DATA), rounds=3)
+    throughput(run, len(DATA), rounds=3, group="pipeline stages")
 
 
-def test_open(stage):
+def test_open(throughput):
     opener = envelope.Opener(MAC_KEY, b"w" * 32, {})
     opener.add_session_key(b"k" * 16, b"s" * 32)
     sealed = []
@@ -115,17 +115,17 @@ def test_open(stage):
         for oid, env in sealed:
             opener.open(oid, env)
 
-    stage(run, len(DATA))
+    throughput(run, len(DATA), group="pipeline stages")
 
 
-def test_build_frames(stage):
+def test_build_frames(throughput):
     records = [(b"i" * 32, c) for c in CHUNKS]
 
     def run():
         for i in range(0, len(records), 4):
             uploader_mod.build_frame(records[i : i + 4])
 
-    stage(run, len(DATA))
+    throughput(run, len(DATA), group="pipeline stages")
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +143,7 @@ def loopback_server(tmp_path_factory):
     repo.close()
 
 
-def test_upload_round_trip(stage, loopback_server):
+def test_upload_round_trip(throughput, loopback_server):
     conn = loopback_server
     payload = np.random.default_rng(9).bytes(1 * MiB)
     count = 64
@@ -159,4 +159,4 @@ def test_upload_round_trip(stage, loopback_server):
         stats = up.finish()
         assert stats.objects_stored == count
 
-    stage(run, count * len(payload), rounds=5, setup=setup)
+    throughput(run, count * len(payload), rounds=5, setup=setup, group="pipeline stages")

@@ -1,9 +1,10 @@
-"""pytest configuration for the native kernel benchmarks.
+"""pytest configuration for every benchmark under bench/ (kernels, pipeline stages, parity).
 
 Benchmarks live in ``bench_*.py`` files, which plain ``pytest`` (testpaths =
-tests) never collects; ``pytest bench/native --benchmark-only`` does, through
-the hook below. The ``throughput`` fixture records MB/s (best round) in the
-benchmark's ``extra_info`` and prints a table with ratios at the end.
+tests) never collects; ``pytest bench --benchmark-only`` (``./build.sh bench``)
+does, through the hook below. The ``throughput`` fixture records MB/s (best
+round) in the benchmark's ``extra_info`` and prints a table per group at the
+end, with ratios to the native kernel where a group has one.
 """
 
 from __future__ import annotations
@@ -29,9 +30,14 @@ def pytest_configure(config):
 def throughput(benchmark, request) -> Callable[..., float]:
     """Runs ``fn`` under pytest-benchmark and records ``nbytes / best time`` in MB/s."""
 
-    def run(fn: Callable[[], object], nbytes: int, rounds: int = 5, group: str = "") -> float:
+    def run(
+        fn: Callable[[], object], nbytes: int, rounds: int = 5, group: str = "", setup=None
+    ) -> float:
         benchmark.group = group or None
-        benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=1)
+        if setup is None:
+            benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=1)
+        else:
+            benchmark.pedantic(fn, setup=setup, rounds=rounds, warmup_rounds=0)
         stats = getattr(benchmark, "stats", None)
         if stats is None:  # --benchmark-disable
             return 0.0
@@ -48,7 +54,7 @@ def pytest_terminal_summary(terminalreporter, config):
     if not results:
         return
     tr = terminalreporter
-    tr.section("native kernels: throughput (best round, MB/s of input data)")
+    tr.section("throughput (best round, MB/s of input data)")
     groups: dict[str, list[tuple[str, float]]] = {}
     for name, (group, mbps) in results.items():
         groups.setdefault(group, []).append((name, mbps))
