@@ -139,3 +139,22 @@ def test_retried_commit_is_idempotent(tmp_path):
         repo.commit_snapshot(other, "0123456789abcdef", b"another record", 0)
     assert [i.snapshot_id for i in repo.snapshots()] == ["0123456789abcdef"]
     repo.close()
+
+
+def test_an_idle_session_stops_holding_back_sweeps(tmp_path, monkeypatch):
+    from pysrbup.server import storage
+
+    repo = Repository(str(tmp_path / "r"))
+    writer = repo.begin_session()
+    repo.append(writer, [(_oid(1), 0, b"garbage soon")])
+    repo.sync(writer)
+    stale = repo.begin_session()  # a client that began a backup and died
+    repo.index.condemn([_oid(1)], watermark=2)
+    repo.end_session(writer)
+    assert repo.index.contains(_oid(1))  # the stale session might still rely on it
+    monkeypatch.setattr(storage, "SESSION_IDLE_SECONDS", 0)
+    repo.collect_garbage()
+    assert not repo.index.contains(_oid(1))
+    with pytest.raises(NotFoundError):
+        repo.sync(stale)
+    repo.close()

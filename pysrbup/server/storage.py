@@ -573,6 +573,7 @@ class Repository:
         Packs are only examined when the sweep removed something (or ``force``),
         so the commits and session ends that call this stay cheap.
         """
+        self._reap_idle_sessions()  # a client that died must not hold sweeps back forever
         with self._gc_lock:
             swept = self.index.sweep(self._oldest_active_session())
             if not swept and not force:
