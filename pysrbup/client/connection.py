@@ -7,7 +7,7 @@ the rest of the client never sees ``grpc.RpcError``.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 
 import grpc
 
@@ -108,17 +108,6 @@ class Connection:
     def begin_session(self) -> str:
         return self._call("BeginSession", service_pb2.BeginSessionRequest()).session_id
 
-    def upload(self, session_id: str, frames: Iterable[bytes]) -> service_pb2.UploadReply:
-        """Streams frames in one call; returns once the server made them durable."""
-
-        def messages():
-            first = True
-            for frame in frames:
-                yield service_pb2.UploadFrame(session_id=session_id if first else "", frame=frame)
-                first = False
-
-        return self._call("Upload", messages())
-
     def upload_frames(self, session_id: str, frames: Iterator[bytes]):
         """Starts a raw upload stream of frames; returns (call, acks).
 
@@ -136,7 +125,11 @@ class Connection:
         return call, acks()
 
     def fetch_frames(self, oids: list[bytes]) -> Iterator[tuple[bytes, int, memoryview]]:
-        """Like ``fetch`` over the raw-bytes method: frames without protobuf around them."""
+        """Yields (id, status, envelope) for ``oids`` in the server's (pack) order.
+
+        Status 0 found, 1 missing, 2 damaged. Frames travel over the raw-bytes
+        method, with no protobuf around bulk data.
+        """
         try:
             for frame in self._fetch_raw(b"".join(oids)):
                 try:
@@ -173,17 +166,6 @@ class Connection:
 
     def snapshots(self) -> list[service_pb2.SnapshotInfo]:
         return list(self._stream("ListSnapshots", service_pb2.ListSnapshotsRequest()))
-
-    def fetch(self, oids: list[bytes]) -> Iterator[tuple[bytes, int, memoryview]]:
-        """Yields (id, status, envelope) for ``oids``, in the server's (pack) order."""
-        request = service_pb2.FetchRequest(ids=b"".join(oids))
-        for reply in self._stream("Fetch", request):
-            try:
-                records = framing.unpack_records(reply.frame)
-            except framing.FrameError as exc:
-                raise errors.IntegrityError(f"the server sent a malformed frame: {exc}") from None
-            for oid, status, payload in records:
-                yield bytes(oid), status, payload
 
     def challenge(self) -> bytes:
         return self._call("GetChallenge", service_pb2.ChallengeRequest()).challenge

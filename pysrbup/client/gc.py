@@ -19,7 +19,6 @@ from pysrbup.client.repository import RemoteRepository
 from pysrbup.errors import ConflictError, IntegrityError
 from pysrbup.repo import tree
 
-FETCH_IDS = 1024
 CONDEMN_BATCH = 65536
 ATTEMPTS = 10
 
@@ -46,27 +45,24 @@ def live_set(repo: RemoteRepository) -> tuple[int, set[bytes]]:
             level.append(snap.root_tree)
     while level:
         next_level: list[bytes] = []
-        for start in range(0, len(level), FETCH_IDS):
-            batch = level[start : start + FETCH_IDS]
-            got = 0
-            for oid, status, payload in repo.conn.fetch(batch):
-                if status != 0:
-                    raise IntegrityError(
-                        f"directory object {oid.hex()[:16]} is missing or damaged; "
-                        "not collecting garbage (the live set would be incomplete)"
-                    )
-                got += 1
-                where = f"tree {oid.hex()[:16]}"
-                for node in tree.parse(repo.opener.open(oid, payload), where).nodes:
-                    if node.subtree:
-                        if node.subtree not in live:
-                            live.add(node.subtree)
-                            next_level.append(node.subtree)
-                    elif node.chunk_ids:
-                        for chunk_id, _, _ in tree.file_chunks(node, where):
-                            live.add(chunk_id)
-            if got != len(set(batch)):
-                raise IntegrityError("the server did not return every directory object asked for")
+        got = 0
+        for oid, plain, problem in repo.fetch_objects(level):
+            if plain is None:
+                raise IntegrityError(
+                    f"{problem}; not collecting garbage (the live set would be incomplete)"
+                )
+            got += 1
+            where = f"tree {oid.hex()[:16]}"
+            for node in tree.parse(plain, where).nodes:
+                if node.subtree:
+                    if node.subtree not in live:
+                        live.add(node.subtree)
+                        next_level.append(node.subtree)
+                elif node.chunk_ids:
+                    for chunk_id, _, _ in tree.file_chunks(node, where):
+                        live.add(chunk_id)
+        if got != len(level):
+            raise IntegrityError("the server did not return every directory object asked for")
         level = next_level
     return generation, live
 

@@ -3,16 +3,25 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 from pysrbup.client.connection import Connection
 from pysrbup.client.idcache import IdCache
 from pysrbup.crypto.keys import MasterKey
-from pysrbup.errors import ConflictError, NotFoundError, UsageError, WrongKeyError
+from pysrbup.errors import (
+    ConflictError,
+    IntegrityError,
+    NotFoundError,
+    UsageError,
+    WrongKeyError,
+)
 from pysrbup.proto import repo_pb2, service_pb2
 from pysrbup.repo import envelope, snapshot
 from pysrbup.repo.auth import condemn_message, delete_message
 
 KEY_ID_SIZE = envelope.KEY_ID_SIZE
+#: Ids per fetch request (the server accepts up to 65,536).
+FETCH_IDS = 1024
 COMMIT_ATTEMPTS = 10
 
 
@@ -66,6 +75,19 @@ class RemoteRepository:
             key = self._require_key()
             self._opener = envelope.Opener(key.mac_key, key.wrap_key, self.conn.session_keys())
         return self._opener
+
+    def fetch_objects(self, oids: list[bytes]) -> Iterator[tuple[bytes, bytes | None, str]]:
+        """Yields (id, verified plaintext or None, why not) for ``oids``, in batches."""
+        for start in range(0, len(oids), FETCH_IDS):
+            for oid, status, payload in self.conn.fetch_frames(oids[start : start + FETCH_IDS]):
+                if status != 0:
+                    what = "missing" if status == 1 else "damaged"
+                    yield oid, None, f"object {oid.hex()[:16]} is {what} in the repository"
+                    continue
+                try:
+                    yield oid, self.opener.open(oid, payload), ""
+                except IntegrityError as exc:
+                    yield oid, None, str(exc)
 
     def snapshots(self) -> list[service_pb2.SnapshotInfo]:
         return self.conn.snapshots()

@@ -21,12 +21,11 @@ from dataclasses import dataclass, field
 
 from pysrbup.client.memtune import RESTORE_MMAP_THRESHOLD, tune_malloc
 from pysrbup.client.progress import Progress
-from pysrbup.client.repository import RemoteRepository
+from pysrbup.client.repository import FETCH_IDS, RemoteRepository
 from pysrbup.errors import IncompleteError, IntegrityError, PysrbupError, RestoreTargetError
 from pysrbup.proto import repo_pb2
 from pysrbup.repo import tree
 
-FETCH_IDS = 1024
 FETCH_BYTES = 64 * 1024 * 1024
 #: Payload bytes fetched ahead of (or held by) the decrypting workers. Records
 #: are views into the server's frames (up to 8 MiB each), so this also bounds
@@ -117,18 +116,10 @@ class Restore:
 
     def _fetch_objects(self, oids: list[bytes]):
         """Yields (id, plaintext or None) for ``oids``; None when missing or damaged."""
-        for start in range(0, len(oids), FETCH_IDS):
-            for oid, status, payload in self.repo.conn.fetch_frames(
-                oids[start : start + FETCH_IDS]
-            ):
-                if status != 0:
-                    yield oid, None
-                    continue
-                try:
-                    yield oid, self.opener.open(oid, payload)
-                except IntegrityError as exc:
-                    self.warn(str(exc))
-                    yield oid, None
+        for oid, plain, problem in self.repo.fetch_objects(oids):
+            if plain is None:
+                self.warn(problem)
+            yield oid, plain
 
     def _damage(self, path: str) -> None:
         with self._lock:
