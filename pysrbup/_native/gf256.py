@@ -208,3 +208,25 @@ def check_out(out: np.ndarray | None, shape: tuple[int, int]) -> np.ndarray:
     if not out.flags.c_contiguous or not out.flags.writeable:
         raise ValueError("out must be C-contiguous and writable")
     return out
+
+
+def prepare_reconstruct(
+    shards: np.ndarray, missing: Iterable[int], k: int, out: np.ndarray | None
+) -> tuple[np.ndarray, DecodePlan, np.ndarray]:
+    """Checks a reconstruct call and copies the surviving data rows into ``out``.
+
+    Both twins share this; what is left for each is applying ``plan.matrix``
+    to rows ``plan.sources`` of the shards into rows ``plan.targets`` of out.
+    """
+    shards = check_data(shards, "shards")
+    total, n = shards.shape
+    if not isinstance(k, (int, np.integer)) or not 1 <= k < total:
+        raise ValueError(f"k must be an int in [1, {total}) for {total} shards, got {k!r}")
+    lost = normalize_missing(missing, k, total - k)
+    plan = decode_plan(k, total - k, lost)
+    out = check_out(out, (k, n))
+    lost_set = set(lost)
+    for i in range(k):
+        if i not in lost_set and not np.shares_memory(out[i], shards[i]):
+            out[i] = shards[i]
+    return shards, plan, out

@@ -82,17 +82,6 @@ def reconstruct(
     Raises:
         ValueError: Too many or invalid missing indices, bad shapes or ``k``.
     """
-    shards = gf256.check_data(shards, "shards")
-    total, n = shards.shape
-    if not isinstance(k, (int, np.integer)) or not 1 <= k < total:
-        raise ValueError(f"k must be an int in [1, {total}) for {total} shards, got {k!r}")
-    m = total - k
-    lost = gf256.normalize_missing(missing, k, m)
-    plan = gf256.decode_plan(k, m, lost)
-    out = gf256.check_out(out, (k, n))
-    lost_set = set(lost)
-    for i in range(k):
-        if i not in lost_set and not np.shares_memory(out[i], shards[i]):
-            out[i] = shards[i]
+    shards, plan, out = gf256.prepare_reconstruct(shards, missing, k, out)
     _apply(plan.matrix, [shards[i] for i in plan.sources], [out[i] for i in plan.targets])
     return out
