@@ -285,9 +285,3 @@ class Index:
                 "SELECT SUM(length), COUNT(*) FROM objects WHERE condemned != 0"
             ).fetchone()
         return int(row[0] or 0) + int(row[1]) * RECORD.size
-
-    def stats(self) -> tuple[int, int]:
-        """(object count, payload bytes)."""
-        with self._lock:
-            count, total = self._db.execute("SELECT COUNT(*), SUM(length) FROM objects").fetchone()
-        return int(count), int(total or 0)
