@@ -4,14 +4,25 @@ First the directory trees are fetched level by level, and directories,
 symlinks and (empty, pre-sized) files are created. Then every distinct chunk
 is fetched once, in the server's pack order, verified (AEAD tag and keyed
 MAC), and written with positioned writes at every offset where it belongs.
-Metadata (modes, owners, mtimes) is applied last, directories deepest first,
+Metadata (modes, owners, mtimes) is applied as soon as an entry is complete
+(a one-chunk file right after its write), directories last and deepest first,
 so writing into them does not disturb their times.
+
+Restore never leaves its target (see ``safefs``): everything is created
+relative to directory fds opened with ``O_NOFOLLOW`` from the target's fd, so
+a symlink found in the target is never followed. Without ``--force`` an
+existing entry is an error; with it, a symlink or file in the way is unlinked
+and replaced, and a directory in the way of a file only if it is empty. Trees
+with invalid or duplicate names are refused, and names are shown with their
+control characters escaped.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import queue
+import stat
 import sys
 import threading
 from collections import defaultdict
@@ -22,9 +33,18 @@ from dataclasses import dataclass, field
 from pysrbup.client.memtune import RESTORE_MMAP_THRESHOLD, tune_malloc
 from pysrbup.client.progress import Progress
 from pysrbup.client.repository import FETCH_IDS, RemoteRepository
+from pysrbup.client.safefs import (
+    CREATE_FLAGS,
+    DIR_FLAGS,
+    META_FLAGS,
+    ROOT,
+    WRITE_FLAGS,
+    DirTable,
+)
 from pysrbup.errors import IncompleteError, IntegrityError, PysrbupError, RestoreTargetError
 from pysrbup.proto import repo_pb2
 from pysrbup.repo import tree
+from pysrbup.textsafe import printable
 
 FETCH_BYTES = 64 * 1024 * 1024
 #: Payload bytes fetched ahead of (or held by) the decrypting workers. Records
@@ -80,10 +100,8 @@ class RestoreResult:
         }
 
 
-def _check_name(name: bytes, where: str) -> str:
-    if not name or name in (b".", b"..") or b"/" in name or b"\0" in name:
-        raise IntegrityError(f"{where}: invalid file name {name!r} in backup")
-    return os.fsdecode(name)
+def _exists(path: str) -> RestoreTargetError:
+    return RestoreTargetError(f"{printable(path)} already exists; restore elsewhere or use --force")
 
 
 class Restore:
@@ -103,12 +121,19 @@ class Restore:
         self.num_threads = max(1, num_threads)
         self.force = force
         self.progress = progress or Progress("restore", enabled=False)
-        self.warn = warn or (lambda message: print(f"warning: {message}", file=sys.stderr))
+        self.warn = warn or (
+            lambda message: print(f"warning: {printable(message)}", file=sys.stderr)
+        )
         self.result = RestoreResult()
         self._as_root = os.geteuid() == 0
-        self._targets: dict[bytes, list[tuple[str, int, int]]] = defaultdict(list)
-        self._files: list[tuple[str, repo_pb2.Node]] = []
-        self._dirs: list[tuple[str, repo_pb2.Node]] = []
+        self._table: DirTable | None = None
+        # chunk id -> (directory, name, path, offset, size, node of a one-chunk file or None)
+        self._targets: dict[bytes, list[tuple[int, bytes, str, int, int, repo_pb2.Node | None]]]
+        self._targets = defaultdict(list)
+        #: Files of several chunks, whose metadata waits until all their data is written.
+        self._files: list[tuple[int, bytes, str, repo_pb2.Node]] = []
+        #: (directory, path, node, depth) of every directory restored.
+        self._dirs: list[tuple[int, str, repo_pb2.Node, int]] = []
         self._damaged: set[str] = set()
         self._lock = threading.Lock()
 
@@ -126,82 +151,129 @@ class Restore:
             self._damaged.add(path)
 
     def _create_tree(self, root_tree: bytes, target: str) -> None:
-        level: list[tuple[str, bytes]] = [(target, root_tree)]
-        top = True
+        assert self._table is not None
+        # (directory, path, tree id, created empty by this run, depth)
+        level: list[tuple[int, str, bytes, bool, int]] = [(ROOT, target, root_tree, False, 0)]
         while level:
-            wanted = {oid: path for path, oid in level}
-            found = dict(self._fetch_objects(list(wanted)))
-            next_level: list[tuple[str, bytes]] = []
-            for path, oid in level:
+            found = dict(self._fetch_objects(list({item[2]: None for item in level})))
+            next_level: list[tuple[int, str, bytes, bool, int]] = []
+            for index, path, oid, fresh, depth in level:
                 plain = found.get(oid)
                 if plain is None:
-                    self._damage(path if not top else target)
+                    self._damage(path)
                     continue
-                for node in tree.parse(plain, path).nodes:
-                    child = os.path.join(path, _check_name(node.name, path))
-                    if top:
-                        self._check_target(child, node)
-                    self._create_node(child, node, next_level)
+                nodes = tree.parse(plain, path).nodes
+                try:
+                    dir_fd = self._table.acquire(index)
+                except OSError as exc:
+                    raise PysrbupError(f"cannot open {printable(path)}: {exc.strerror}") from None
+                try:
+                    for node in nodes:
+                        self._create_node(dir_fd, index, path, node, fresh, depth, next_level)
+                finally:
+                    self._table.release(index)
             level = next_level
-            top = False
 
-    def _check_target(self, path: str, node: repo_pb2.Node) -> None:
-        if self.force or not os.path.lexists(path):
+    def _clear(self, dir_fd: int, name: bytes, path: str, what: str) -> None:
+        """Makes way for a new ``what`` (file, symlink) ``name``: --force removes what is there."""
+        try:
+            st = os.lstat(name, dir_fd=dir_fd)
+        except FileNotFoundError:
             return
-        if node.type == repo_pb2.NODE_DIR and os.path.isdir(path) and not os.listdir(path):
+        if not self.force:
+            raise _exists(path)
+        if not stat.S_ISDIR(st.st_mode):
+            os.unlink(name, dir_fd=dir_fd)  # a file or symlink: the link itself, not its target
             return
-        raise RestoreTargetError(f"{path} already exists; restore elsewhere or use --force")
+        try:
+            os.rmdir(name, dir_fd=dir_fd)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            raise RestoreTargetError(
+                f"{printable(path)} is a directory that is not empty, where the backup has "
+                f"a {what}; move it away or restore elsewhere"
+            ) from None
 
-    def _create_flags(self) -> int:
-        excl = 0 if self.force else os.O_EXCL
-        return os.O_WRONLY | os.O_CREAT | os.O_TRUNC | excl | os.O_NOFOLLOW
+    def _make_dir(self, dir_fd: int, name: bytes, path: str, top: bool) -> bool:
+        """Creates directory ``name`` or reuses a real one; True if created (so empty)."""
+        try:
+            os.mkdir(name, 0o700, dir_fd=dir_fd)
+            return True
+        except FileExistsError:
+            pass
+        st = os.lstat(name, dir_fd=dir_fd)
+        if stat.S_ISDIR(st.st_mode):
+            if top and not self.force:  # restoring into an existing, empty directory is fine
+                fd = os.open(name, DIR_FLAGS, dir_fd=dir_fd)
+                try:
+                    if os.listdir(fd):
+                        raise _exists(path)
+                finally:
+                    os.close(fd)
+            return False
+        if not self.force:
+            raise _exists(path)
+        os.unlink(name, dir_fd=dir_fd)  # a symlink (or file) in the way: never followed
+        os.mkdir(name, 0o700, dir_fd=dir_fd)
+        return True
 
-    def _replace(self, path: str) -> None:
-        if self.force and os.path.lexists(path) and not os.path.isdir(path):
-            os.unlink(path)
-
-    def _create_node(self, path: str, node: repo_pb2.Node, next_level: list) -> None:
+    def _create_node(
+        self,
+        dir_fd: int,
+        dir_index: int,
+        parent: str,
+        node: repo_pb2.Node,
+        fresh: bool,
+        depth: int,
+        next_level: list,
+    ) -> None:
+        """Creates ``node`` in the directory ``dir_fd``; ``fresh``: that one was empty."""
+        name = node.name
+        path = os.path.join(parent, os.fsdecode(name))
         try:
             if node.type == repo_pb2.NODE_DIR:
-                if os.path.lexists(path) and not os.path.isdir(path):
-                    self._replace(path)
-                os.makedirs(path, mode=0o700, exist_ok=True)
-                self._dirs.append((path, node))
+                created = self._make_dir(dir_fd, name, path, top=depth == 0)
+                assert self._table is not None
+                index = self._table.add(dir_index, name)
+                self._dirs.append((index, path, node, depth + 1))
                 self.result.dirs += 1
-                next_level.append((path, node.subtree))
+                next_level.append((index, path, node.subtree, created, depth + 1))
             elif node.type == repo_pb2.NODE_FILE:
-                self._replace(path)
-                chunks = tree.file_chunks(node, path)
+                chunks = tree.file_chunks(node, printable(path))
+                if not fresh:
+                    self._clear(dir_fd, name, path, "file")
                 if len(chunks) == 1:
                     # One chunk: the file is created when its data arrives (one
                     # open instead of two; file creation dominates small files).
-                    if os.path.lexists(path) and not self.force:
-                        raise FileExistsError(path)
                     oid, offset, size = chunks[0]
-                    self._targets[oid].append((path, -1, size))
+                    self._targets[oid].append((dir_index, name, path, -1, size, node))
                 else:
-                    fd = os.open(path, self._create_flags(), 0o600)
+                    fd = os.open(name, CREATE_FLAGS, 0o600, dir_fd=dir_fd)
                     try:
-                        os.ftruncate(fd, node.size)
+                        if node.size:
+                            os.ftruncate(fd, node.size)
+                        if not chunks:  # empty: complete already
+                            self._apply_meta(fd, node, path)
                     finally:
                         os.close(fd)
-                    for oid, offset, size in chunks:
-                        self._targets[oid].append((path, offset, size))
-                self._files.append((path, node))
+                    if chunks:
+                        for oid, offset, size in chunks:
+                            self._targets[oid].append((dir_index, name, path, offset, size, None))
+                        self._files.append((dir_index, name, path, node))
                 self.result.files += 1
             elif node.type == repo_pb2.NODE_SYMLINK:
-                self._replace(path)
-                os.symlink(node.link_target, os.fsencode(path))
-                self._apply_meta(path, node, symlink=True)
+                if not fresh:
+                    self._clear(dir_fd, name, path, "symlink")
+                os.symlink(node.link_target, name, dir_fd=dir_fd)
+                self._apply_link_meta(dir_fd, name, path, node)
                 self.result.symlinks += 1
             else:
-                self.warn(f"skipping {path}: unknown entry type {node.type}")
+                self.warn(f"skipping {printable(path)}: unknown entry type {node.type}")
         except FileExistsError:
-            raise RestoreTargetError(
-                f"{path} already exists; restore elsewhere or use --force"
-            ) from None
+            raise _exists(path) from None
         except OSError as exc:
-            raise PysrbupError(f"cannot create {path}: {exc.strerror}") from None
+            raise PysrbupError(f"cannot create {printable(path)}: {exc.strerror}") from None
 
     # ---- data ------------------------------------------------------------
 
@@ -215,24 +287,41 @@ class Restore:
                 data = None
         else:
             data = None
-        for path, offset, size in places:
-            whole = offset < 0  # a one-chunk file, created now
-            if data is None or len(data) != size:
+        table = self._table
+        assert table is not None
+        for dir_index, name, path, offset, size, whole in places:
+            good = data is not None and len(data) == size
+            if not good:
                 self._damage(path)
-                if whole:  # it still exists, sized, as before
-                    fd = os.open(path, self._create_flags(), 0o600)
-                    os.ftruncate(fd, size)
-                    os.close(fd)
-                continue
-            if whole:
-                fd = os.open(path, self._create_flags(), 0o600)
-                offset = 0
-            else:
-                fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW)
+                if whole is None:
+                    continue
             try:
-                os.pwrite(fd, data, offset)
+                dir_fd = table.acquire(dir_index)
+            except OSError as exc:
+                raise PysrbupError(f"cannot write {printable(path)}: {exc.strerror}") from None
+            try:
+                if whole is not None:  # a one-chunk file: created now, and complete
+                    fd = os.open(name, CREATE_FLAGS, 0o600, dir_fd=dir_fd)
+                    try:
+                        if good:
+                            os.pwrite(fd, data, 0)
+                        else:  # it still exists, sized, as before
+                            os.ftruncate(fd, size)
+                        self._apply_meta(fd, whole, path)
+                    finally:
+                        os.close(fd)
+                else:
+                    fd = os.open(name, WRITE_FLAGS, dir_fd=dir_fd)
+                    try:
+                        os.pwrite(fd, data, offset)
+                    finally:
+                        os.close(fd)
+            except OSError as exc:
+                raise PysrbupError(f"cannot write {printable(path)}: {exc.strerror}") from None
             finally:
-                os.close(fd)
+                table.release(dir_index)
+            if not good:
+                continue
             self.progress.add_bytes(size)
             with self._lock:
                 self.result.bytes_written += size
@@ -305,7 +394,7 @@ class Restore:
         size = 0
         for oid in oids:
             batch.append(oid)
-            size += self._targets[oid][0][2]
+            size += self._targets[oid][0][4]
             if len(batch) >= FETCH_IDS or size >= FETCH_BYTES:
                 yield batch
                 batch, size = [], 0
@@ -314,15 +403,56 @@ class Restore:
 
     # ---- metadata --------------------------------------------------------
 
-    def _apply_meta(self, path: str, node: repo_pb2.Node, symlink: bool = False) -> None:
+    def _apply_meta(self, fd: int, node: repo_pb2.Node, path: str) -> None:
+        """Sets owner (as root), mode and mtime of the file or directory open as ``fd``."""
         try:
             if self._as_root:
-                os.chown(path, node.uid, node.gid, follow_symlinks=not symlink)
-            if not symlink:
-                os.chmod(path, node.mode)
-            os.utime(path, ns=(node.mtime_ns, node.mtime_ns), follow_symlinks=not symlink)
+                os.chown(fd, node.uid, node.gid)
+            os.chmod(fd, node.mode)
+            os.utime(fd, ns=(node.mtime_ns, node.mtime_ns))
         except OSError as exc:
-            self.warn(f"cannot set metadata of {path}: {exc.strerror}")
+            self.warn(f"cannot set metadata of {printable(path)}: {exc.strerror}")
+
+    def _apply_link_meta(self, dir_fd: int, name: bytes, path: str, node: repo_pb2.Node) -> None:
+        """Sets owner (as root) and mtime of the symlink itself."""
+        try:
+            if self._as_root:
+                os.chown(name, node.uid, node.gid, dir_fd=dir_fd, follow_symlinks=False)
+            os.utime(name, ns=(node.mtime_ns, node.mtime_ns), dir_fd=dir_fd, follow_symlinks=False)
+        except OSError as exc:
+            self.warn(f"cannot set metadata of {printable(path)}: {exc.strerror}")
+
+    def _finish_file(self, dir_index: int, name: bytes, path: str, node: repo_pb2.Node) -> None:
+        """Metadata of a file of several chunks, once all its data is written."""
+        assert self._table is not None
+        try:
+            dir_fd = self._table.acquire(dir_index)
+        except OSError as exc:
+            self.warn(f"cannot set metadata of {printable(path)}: {exc.strerror}")
+            return
+        try:
+            fd = os.open(name, META_FLAGS, dir_fd=dir_fd)
+        except OSError as exc:
+            self.warn(f"cannot set metadata of {printable(path)}: {exc.strerror}")
+            return
+        finally:
+            self._table.release(dir_index)
+        try:
+            self._apply_meta(fd, node, path)
+        finally:
+            os.close(fd)
+
+    def _finish_dir(self, index: int, path: str, node: repo_pb2.Node) -> None:
+        assert self._table is not None
+        try:
+            fd = self._table.acquire(index)
+        except OSError as exc:
+            self.warn(f"cannot set metadata of {printable(path)}: {exc.strerror}")
+            return
+        try:
+            self._apply_meta(fd, node, path)
+        finally:
+            self._table.release(index)
 
     def run(self, backup_id: str, target: str) -> RestoreResult:
         """Restores ``backup_id`` into the directory ``target``."""
@@ -332,24 +462,29 @@ class Restore:
         target = os.path.abspath(target)
         self.result.target = target
         if os.path.exists(target) and not os.path.isdir(target):
-            raise RestoreTargetError(f"{target} exists and is not a directory")
+            raise RestoreTargetError(f"{printable(target)} exists and is not a directory")
         try:
             os.makedirs(target, exist_ok=True)
+            # The target itself may be a symlink (the user's choice): followed once,
+            # here; everything below is reached from this fd, never through a symlink.
+            root_fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as exc:
-            raise RestoreTargetError(f"cannot create {target}: {exc.strerror}") from None
+            raise RestoreTargetError(f"cannot create {printable(target)}: {exc.strerror}") from None
+        self._table = DirTable(root_fd)
         self.progress.set_total(snap.logical_bytes)
         try:
             self._create_tree(snap.root_tree, target)
             self._restore_data()
-            for path, node in self._files:
-                self._apply_meta(path, node)
-            for path, node in sorted(self._dirs, key=lambda item: -item[0].count(os.sep)):
-                self._apply_meta(path, node)
+            for dir_index, name, path, node in self._files:
+                self._finish_file(dir_index, name, path, node)
+            for index, path, node, _depth in sorted(self._dirs, key=lambda item: -item[3]):
+                self._finish_dir(index, path, node)
         finally:
+            self._table.close()
             self.progress.close()
         self.result.damaged = sorted(self._damaged)
         if self.result.damaged:
-            shown = ", ".join(self.result.damaged[:10])
+            shown = ", ".join(printable(path) for path in self.result.damaged[:10])
             more = len(self.result.damaged) - 10
             raise IncompleteError(
                 f"restored with errors: {len(self.result.damaged)} file(s) damaged or missing "
