@@ -13,33 +13,17 @@ import numpy as np
 
 API_VERSION = 1
 
-DEFAULT_MIN = 256 * 1024
-DEFAULT_AVG = 1024 * 1024
-DEFAULT_MAX = 4 * 1024 * 1024
-MAX_CHUNK_LIMIT = 1 << 30
+# Defaults, limits and the parameter checks are shared with the pure twin.
+from pysrbup._native.cdc_params import (  # noqa: F401 (re-exported)
+    DEFAULT_AVG,
+    DEFAULT_MAX,
+    DEFAULT_MIN,
+    MAX_CHUNK_LIMIT,
+    masks as _masks,
+)
 
 cdef enum:
     _BATCH = 512
-
-
-cdef inline uint64_t _top_mask(int bits) noexcept nogil:
-    return (((<uint64_t>1) << bits) - 1) << (64 - bits)
-
-
-def _masks(min_size, avg_size, max_size):
-    """Validates the size parameters and returns ``(mask_s, mask_l)``."""
-    for name, value in (("min_size", min_size), ("avg_size", avg_size), ("max_size", max_size)):
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise TypeError(f"{name} must be an int, not {type(value).__name__}")
-    if not 1 <= min_size < avg_size < max_size <= MAX_CHUNK_LIMIT:
-        raise ValueError(
-            f"chunk sizes must satisfy 1 <= min < avg < max <= {MAX_CHUNK_LIMIT}, "
-            f"got min={min_size} avg={avg_size} max={max_size}"
-        )
-    if avg_size & (avg_size - 1) or avg_size < 64:
-        raise ValueError(f"avg_size must be a power of two >= 64, got {avg_size}")
-    bits = avg_size.bit_length() - 1
-    return _top_mask(bits + 2), _top_mask(bits - 2)
 
 
 cdef Py_ssize_t _next_cut(

@@ -28,38 +28,15 @@ from typing import Any
 
 import numpy as np
 
-#: Default minimum chunk size (bytes).
-DEFAULT_MIN = 256 * 1024
-#: Default target average chunk size (bytes, a power of two).
-DEFAULT_AVG = 1024 * 1024
-#: Default maximum chunk size (bytes).
-DEFAULT_MAX = 4 * 1024 * 1024
+from pysrbup._native.cdc_params import (  # noqa: F401 (the kernel's public constants)
+    DEFAULT_AVG,
+    DEFAULT_MAX,
+    DEFAULT_MIN,
+    MAX_CHUNK_LIMIT,
+)
+from pysrbup._native.cdc_params import masks as _masks
 
-#: Largest accepted ``max_size`` (chunk lengths must fit comfortably in 32 bits).
-MAX_CHUNK_LIMIT = 1 << 30
-
-_NORMALIZATION = 2
 _M64 = (1 << 64) - 1
-
-
-def _top_mask(bits: int) -> int:
-    return ((1 << bits) - 1) << (64 - bits)
-
-
-def _masks(min_size: int, avg_size: int, max_size: int) -> tuple[int, int]:
-    """Validates the size parameters and returns ``(mask_s, mask_l)``."""
-    for name, value in (("min_size", min_size), ("avg_size", avg_size), ("max_size", max_size)):
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise TypeError(f"{name} must be an int, not {type(value).__name__}")
-    if not 1 <= min_size < avg_size < max_size <= MAX_CHUNK_LIMIT:
-        raise ValueError(
-            f"chunk sizes must satisfy 1 <= min < avg < max <= {MAX_CHUNK_LIMIT}, "
-            f"got min={min_size} avg={avg_size} max={max_size}"
-        )
-    if avg_size & (avg_size - 1) or avg_size < 64:
-        raise ValueError(f"avg_size must be a power of two >= 64, got {avg_size}")
-    bits = avg_size.bit_length() - 1
-    return _top_mask(bits + _NORMALIZATION), _top_mask(bits - _NORMALIZATION)
 
 
 def _gear_list(gear: Any) -> list[int]:

@@ -47,6 +47,9 @@ def test_api_and_shared_error():
     assert framing.MAGIC == b"PSF1"
     assert framing.HEADER_SIZE == 8
     assert framing.RECORD_OVERHEAD == 37
+    from pysrbup.repo import wire
+
+    assert framing.ID_SIZE == wire.ID_SIZE  # the kernels keep their own copy of the fact
     assert framing.MAX_PAYLOAD == 64 * 1024 * 1024
     assert _framing.FrameError is framing_pure.FrameError is framing.FrameError is FrameError
     assert issubclass(FrameError, ValueError)
