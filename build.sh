@@ -32,6 +32,8 @@ demo() {
     work=$(mktemp -d)
     port=${PYSRBUP_DEMO_PORT:-50000}
     export PYSRBUP_CACHE_DIR=$work/cache
+    # The demo server's certificate is new each time: pin it here, not in ~/.config/pysrbup.
+    export PYSRBUP_CONFIG_DIR=$work/config
     echo "== demo in $work"
     mkdir -p "$work/data/docs" "$work/data/empty_dir"
     "$VENV/bin/python" - "$work/data" <<'PYEOF'
@@ -55,12 +57,15 @@ PYEOF
     sleep 1
     local client=("$VENV/bin/pysrbup-client" --server-address="localhost:$port" --num-threads=2)
     "$VENV/bin/pysrbup-client" generate_key "$work/key"
+    echo "== init: only this key may write to or delete from the new repository"
+    "${client[@]}" init "$work/key" --init-token "$(cat "$work/backups/init-token")"
     "${client[@]}" backup "$work/data" "$work/key" | tee "$work/backup.out"
     local id
     id=$(tail -n 1 "$work/backup.out" | sed 's/^Completed backup id: //')
     echo "== second backup (unchanged data: nothing new is sent)"
     "${client[@]}" backup "$work/data" "$work/key"
     "${client[@]}" list --key-file "$work/key"
+    "${client[@]}" check --read-data --key-file "$work/key"
     "${client[@]}" restore "$id" "$work/restored" "$work/key"
     diff -r --no-dereference "$work/data" "$work/restored/data"
     echo "== restore is byte-identical; server directory holds no plaintext names:"

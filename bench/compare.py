@@ -340,6 +340,8 @@ class Pysrbup(Tool):
         self.env = dict(os.environ)
         self.env["PYTHONPATH"] = checkout
         self.env["PYSRBUP_CACHE_DIR"] = os.path.join(self.work, "cache")
+        # The client pins each fresh server's certificate here, not in ~/.config/pysrbup.
+        self.env["PYSRBUP_CONFIG_DIR"] = os.path.join(self.work, "config")
         self.port = _free_port()
         self.server: subprocess.Popen | None = None
         self.last_id = ""
@@ -401,6 +403,10 @@ class Pysrbup(Tool):
         return run, out, err
 
     def backup(self, phase: str, data: str) -> Run:
+        token = os.path.join(self.repo, "init-token")  # the first backup initialises
+        if os.path.exists(token):
+            with open(token) as handle:
+                self.env["PYSRBUP_INIT_TOKEN"] = handle.read().strip()
         run, out, _ = self._measure(self._client("backup", data, self.key))
         self.last_id = out.strip().splitlines()[-1].split(": ", 1)[1]
         self.repo_size = dir_size(self.repo, skip_suffix=".ecc")  # data, without parity

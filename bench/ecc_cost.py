@@ -60,9 +60,10 @@ def parity_done(repo: str) -> bool:
 def run_once(work: str, data: str, key: str, level: str) -> tuple[float, float]:
     repo = os.path.join(work, f"repo-{level}")
     cache = os.path.join(work, f"cache-{level}")
-    shutil.rmtree(repo, ignore_errors=True)
-    shutil.rmtree(cache, ignore_errors=True)
-    env = dict(os.environ, PYSRBUP_CACHE_DIR=cache, PYTHONPATH=ROOT)
+    config = os.path.join(work, f"config-{level}")  # known_servers: a new certificate each run
+    for path in (repo, cache, config):
+        shutil.rmtree(path, ignore_errors=True)
+    env = dict(os.environ, PYSRBUP_CACHE_DIR=cache, PYSRBUP_CONFIG_DIR=config, PYTHONPATH=ROOT)
     port = free_port()
     server = subprocess.Popen(
         [
@@ -78,6 +79,8 @@ def run_once(work: str, data: str, key: str, level: str) -> tuple[float, float]:
     )
     try:
         time.sleep(1.0)
+        with open(os.path.join(repo, "init-token")) as handle:  # the backup initialises
+            env["PYSRBUP_INIT_TOKEN"] = handle.read().strip()
         started = time.perf_counter()
         subprocess.run(
             [

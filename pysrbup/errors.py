@@ -37,6 +37,10 @@ class ServerUnavailableError(PysrbupError):
     """The server cannot be reached or dropped the connection."""
 
 
+class TransportSecurityError(PysrbupError):
+    """TLS cannot protect the connection: another certificate, an untrusted one, or no TLS."""
+
+
 class ServerError(PysrbupError):
     """The server refused or failed a request."""
 

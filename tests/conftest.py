@@ -30,8 +30,16 @@ def base_env(cache_dir: str) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     env["PYSRBUP_CACHE_DIR"] = cache_dir
-    env.pop("PYSRBUP_SERVER", None)
-    env.pop("PYSRBUP_KEY_FILE", None)
+    # Pinned server certificates (known_servers) per test: ports are reused across tests.
+    env["PYSRBUP_CONFIG_DIR"] = os.path.normpath(cache_dir) + "-config"
+    for name in (
+        "PYSRBUP_SERVER",
+        "PYSRBUP_KEY_FILE",
+        "PYSRBUP_TLS_CA",
+        "PYSRBUP_TLS_FINGERPRINT",
+        "PYSRBUP_PLAINTEXT",
+    ):
+        env.pop(name, None)
     return env
 
 
@@ -96,6 +104,21 @@ class ServerProcess:
     def log(self) -> str:
         with open(self.log_path, errors="replace") as handle:
             return handle.read()
+
+    @property
+    def init_token(self) -> str:
+        """The one-time init token of a new repository ("" once initialised)."""
+        try:
+            with open(os.path.join(self.repo, "init-token")) as handle:
+                return handle.read().strip()
+        except FileNotFoundError:
+            return ""
+
+    def client(self, cache_dir: str) -> Client:
+        """A client of this server whose first backup initialises a new repository."""
+        env = base_env(cache_dir)
+        env["PYSRBUP_INIT_TOKEN"] = self.init_token
+        return Client(self.address, env)
 
 
 @dataclass
@@ -165,7 +188,7 @@ def server(request, tmp_path, cache_dir):
 
 @pytest.fixture
 def client(server, cache_dir):
-    return Client(server.address, base_env(cache_dir))
+    return server.client(cache_dir)
 
 
 @pytest.fixture

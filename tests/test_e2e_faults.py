@@ -130,7 +130,6 @@ def test_server_killed_mid_backup_then_rerun(tmp_path, client, key_file, server)
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to mount a small tmpfs")
 def test_disk_full_fails_cleanly(tmp_path, key_file, cache_dir):
-    from conftest import Client
 
     mount = tmp_path / "small"
     mount.mkdir()
@@ -141,7 +140,7 @@ def test_disk_full_fails_cleanly(tmp_path, key_file, cache_dir):
     )
     try:
         srv.start()
-        cli = Client(srv.address, base_env(cache_dir))
+        cli = srv.client(cache_dir)
         small = tmp_path / "small_src"
         small.mkdir()
         (small / "f.txt").write_text("fits\n")
@@ -181,39 +180,38 @@ def test_unreadable_files_are_reported(tmp_path, client, key_file):
 
 
 def test_hostile_frames_are_refused_and_server_survives(tmp_path, client, key_file, server):
-    from pysrbup.proto import service_pb2, service_pb2_grpc
+    from peer import Peer
 
-    channel = grpc.insecure_channel(server.address)
-    stub = service_pb2_grpc.BackupStub(channel)
-    session = stub.BeginSession(service_pb2.BeginSessionRequest()).session_id
+    from pysrbup.crypto.keys import load_key_file
+    from pysrbup.proto import service_pb2
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_text("x")
+    backup_id = client.backup(str(src), key_file)  # initialises the repository
+    peer = Peer(server, load_key_file(key_file))
+    stub = peer.stub
+    session = peer.begin_session()  # even a key holder's malformed frames are refused
     for garbage in (
         b"",
         b"PSF1\xff\xff\xff\xff",
         b"PSF1\x01\x00\x00\x00" + b"\0" * 36,
         os.urandom(999),
     ):
-        msg = service_pb2.UploadFrame(session_id=session, frame=garbage)
         try:
-            stub.Upload(iter([msg]))
+            peer.upload(session.upload_metadata(), [garbage])
         except grpc.RpcError as exc:
             assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT
         else:
             assert garbage == b"" or garbage.startswith(b"PSF1\x00")
     with pytest.raises(grpc.RpcError) as info:
-        stub.Fetch(service_pb2.FetchRequest(ids=b"x" * 33)).next()
+        peer.fetch([b"x" * 33])
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     for bad_id in ("../../etc/passwd", "0" * 15, "ZZZZZZZZZZZZZZZZ"):
         with pytest.raises(grpc.RpcError):
-            stub.CommitSnapshot(
-                service_pb2.CommitSnapshotRequest(
-                    session_id=session, snapshot_id=bad_id, record=b"x"
-                )
-            )
+            peer.commit(session, bad_id, b"x")
+    channel = peer.channel
     # A destructive request without a valid proof is refused.
-    src = tmp_path / "src"
-    src.mkdir()
-    (src / "f").write_text("x")
-    backup_id = client.backup(str(src), key_file)
     challenge = stub.GetChallenge(service_pb2.ChallengeRequest()).challenge
     with pytest.raises(grpc.RpcError) as info:
         stub.DeleteSnapshot(

@@ -205,6 +205,22 @@ def test_damage_beyond_parity_names_files_and_restores_the_rest(tmp_path, client
     assert_no_traceback(proc)
 
 
+def test_a_pack_deleted_behind_the_servers_back_is_reported(tmp_path, client, key_file, server):
+    _src, backup_id = _backup(tmp_path, client, key_file)
+    pack = _wait_for_parity(server.repo)[0]
+    lost = {e.oid.hex() for e in packs.read_footer(pack)}
+    server.stop()
+    os.unlink(pack)
+    scrub = _server_cli("--scrub", server.repo, env=server.env)
+    assert scrub.returncode == 1, scrub.stdout + scrub.stderr
+    assert f"{len(lost)} object(s) lost" in scrub.stdout
+    assert lost <= set(scrub.stdout.split())
+    server.start()
+    proc = client.run("restore", backup_id, str(tmp_path / "out"), key_file)
+    assert proc.returncode in (1, 3), proc.stderr  # everything it can is named, never a trace
+    assert_no_traceback(proc)
+
+
 def test_ecc_level_is_per_pack(tmp_path, client, key_file, server):
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "x.bin").write_bytes(random_bytes(500_000, 1))

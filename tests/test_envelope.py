@@ -68,12 +68,19 @@ def test_wrong_master_key_cannot_unwrap(parts):
 
 def test_subkeys_are_distinct_and_stable():
     key = MasterKey(bytes(range(32)))
-    subkeys = [key.mac_key, key.gear_seed, key.wrap_key, key.auth_public_key]
-    assert len(set(subkeys)) == 4
+    subkeys = [
+        key.mac_key,
+        key.gear_seed,
+        key.wrap_key,
+        key.write_public_key,
+        key.destroy_public_key,
+    ]
+    assert len(set(subkeys)) == 5
     assert MasterKey.loads(key.dumps()) == key
     # Golden value: changing the derivation breaks every existing repository.
     assert key.mac_key.hex()[:32] == "c768f9353a665f7baa7239f236bcbb7d"
-    assert key.auth_public_key.hex()[:32] == "1ce1d07b83a4edb3a130cde38f6ac15e"
+    assert key.destroy_public_key.hex()[:32] == "1ce1d07b83a4edb3a130cde38f6ac15e"
+    assert key.write_public_key.hex()[:32] == "bb588cd9e224404bf0e828b737d74f36"
 
 
 @pytest.mark.parametrize(

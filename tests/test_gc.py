@@ -9,17 +9,18 @@ import time
 import grpc
 import pytest
 from conftest import (
-    Client,
     ServerProcess,
     assert_no_traceback,
     backup_id_in,
     base_env,
     free_port,
 )
+from peer import channel_to
 from trees import dir_size, random_bytes, snapshot_tree
 
 from pysrbup.crypto.keys import load_key_file
 from pysrbup.proto import service_pb2, service_pb2_grpc
+from pysrbup.repo import auth
 from pysrbup.repo.auth import condemn_message
 
 
@@ -74,8 +75,8 @@ def test_deleting_one_of_two_frees_only_unique_data(tmp_path, client, key_file, 
     assert f"Deleted backup {drop}" in again.stdout
 
 
-def _stub(address: str):
-    channel = grpc.insecure_channel(address)
+def _stub(server):
+    channel = channel_to(server)
     return channel, service_pb2_grpc.BackupStub(channel)
 
 
@@ -86,17 +87,17 @@ def test_destructive_requests_need_a_valid_fresh_proof(tmp_path, client, key_fil
     backup_id = client.backup(str(src), key_file)
     before = dir_size(os.path.join(server.repo, "packs"))
     key = load_key_file(key_file)
-    channel, stub = _stub(server.address)
+    channel, stub = _stub(server)
     info = stub.GetInfo(service_pb2.InfoRequest())
     ids = b"".join(
         b.ids for b in stub.SyncIds(service_pb2.SyncRequest(after_seq=0))
     )  # every object: condemning them all would destroy the backup
-    generation = info.snapshot_generation
+    generation = auth.snapshot_set_digest([backup_id])
 
     def condemn(challenge: bytes, signature: bytes):
         return stub.Condemn(
             service_pb2.CondemnRequest(
-                ids=ids, snapshot_generation=generation, challenge=challenge, signature=signature
+                ids=ids, snapshot_set=generation, challenge=challenge, signature=signature
             )
         )
 
@@ -106,8 +107,8 @@ def test_destructive_requests_need_a_valid_fresh_proof(tmp_path, client, key_fil
     other = MasterKey.generate()
     for make_sig in (
         lambda ch: b"\0" * 64,
-        lambda ch: other.auth_key.sign(condemn_message(info.repo_id, ch, generation, ids)),
-        lambda ch: key.auth_key.sign(condemn_message(info.repo_id, ch, generation, b"")),
+        lambda ch: other.destroy_key.sign(condemn_message(info.repo_id, ch, generation, ids)),
+        lambda ch: key.destroy_key.sign(condemn_message(info.repo_id, ch, generation, b"")),
     ):
         challenge = stub.GetChallenge(service_pb2.ChallengeRequest()).challenge
         with pytest.raises(grpc.RpcError) as err:
@@ -116,13 +117,13 @@ def test_destructive_requests_need_a_valid_fresh_proof(tmp_path, client, key_fil
     # A made-up challenge is refused even with a correct signature over it.
     fake = os.urandom(32)
     with pytest.raises(grpc.RpcError) as err:
-        condemn(fake, key.auth_key.sign(condemn_message(info.repo_id, fake, generation, ids)))
+        condemn(fake, key.destroy_key.sign(condemn_message(info.repo_id, fake, generation, ids)))
     assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
     # A valid proof works once (here over no ids); replaying it is refused.
     challenge = stub.GetChallenge(service_pb2.ChallengeRequest()).challenge
-    empty = key.auth_key.sign(condemn_message(info.repo_id, challenge, generation, b""))
+    empty = key.destroy_key.sign(condemn_message(info.repo_id, challenge, generation, b""))
     request = service_pb2.CondemnRequest(
-        ids=b"", snapshot_generation=generation, challenge=challenge, signature=empty
+        ids=b"", snapshot_set=generation, challenge=challenge, signature=empty
     )
     stub.Condemn(request)
     with pytest.raises(grpc.RpcError) as err:
@@ -144,7 +145,7 @@ def test_append_only_refuses_deletes(tmp_path, key_file, cache_dir):
     )
     srv.start()
     try:
-        cli = Client(srv.address, base_env(cache_dir))
+        cli = srv.client(cache_dir)
         src = tmp_path / "src"
         src.mkdir()
         (src / "f").write_text("keep me")
@@ -154,7 +155,7 @@ def test_append_only_refuses_deletes(tmp_path, key_file, cache_dir):
         assert_no_traceback(proc)
         # Also when a key holder bypasses the client's own check.
         key = load_key_file(key_file)
-        channel, stub = _stub(srv.address)
+        channel, stub = _stub(srv)
         info = stub.GetInfo(service_pb2.InfoRequest())
         from pysrbup.repo.auth import delete_message
 
@@ -164,7 +165,9 @@ def test_append_only_refuses_deletes(tmp_path, key_file, cache_dir):
                 service_pb2.DeleteSnapshotRequest(
                     snapshot_id=backup_id,
                     challenge=challenge,
-                    signature=key.auth_key.sign(delete_message(info.repo_id, challenge, backup_id)),
+                    signature=key.destroy_key.sign(
+                        delete_message(info.repo_id, challenge, backup_id)
+                    ),
                 )
             )
         assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
@@ -281,6 +284,7 @@ def test_backup_paused_across_a_delete_revives_what_it_reuses(
     from pysrbup.client.repository import RemoteRepository
 
     monkeypatch.setenv("PYSRBUP_CACHE_DIR", client.env["PYSRBUP_CACHE_DIR"])
+    monkeypatch.setenv("PYSRBUP_CONFIG_DIR", client.env["PYSRBUP_CONFIG_DIR"])  # known_servers
     old = tmp_path / "old"
     old.mkdir()
     (old / "a_reused.bin").write_bytes(random_bytes(3 * 1024 * 1024, 31))

@@ -129,9 +129,7 @@ def test_killed_backup_reruns_cheaply_and_restores(tmp_path, client, key_file, s
     os.makedirs(tmp_path / "clean_cache")
     clean.start()
     try:
-        from conftest import Client
-
-        Client(clean.address, clean.env).backup(str(src), key_file)
+        clean.client(clean.env["PYSRBUP_CACHE_DIR"]).backup(str(src), key_file)
     finally:
         clean.stop()
     assert _packs_bytes(server.repo) <= 1.05 * _packs_bytes(clean.repo)

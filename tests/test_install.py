@@ -77,8 +77,10 @@ def clean_env(cache_dir: str, **extra: str) -> dict[str, str]:
     """The environment with nothing that would steer which pysrbup is imported or how."""
     steering = {"PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "PYSRBUP_PURE_PYTHON", "PYSRBUP_DEBUG"}
     steering |= {"PYSRBUP_SERVER", "PYSRBUP_KEY_FILE"}
+    steering |= {"PYSRBUP_TLS_CA", "PYSRBUP_TLS_FINGERPRINT", "PYSRBUP_PLAINTEXT"}
     env = {k: v for k, v in os.environ.items() if k not in steering}
     env["PYSRBUP_CACHE_DIR"] = cache_dir
+    env["PYSRBUP_CONFIG_DIR"] = os.path.normpath(cache_dir) + "-config"  # pinned certificates
     env.update(extra)
     return env
 
@@ -129,9 +131,13 @@ def serving(server_argv: list[str], repo: str, env: dict, cwd: str, log_path: st
             proc.wait()
 
 
-def backup_and_restore(client_argv: list[str], src: str, out: str, key: str, env, cwd) -> None:
-    """generate_key, backup, restore through ``client_argv``; the restore must equal ``src``."""
+def backup_and_restore(
+    client_argv: list[str], repo: str, src: str, out: str, key: str, env, cwd
+) -> None:
+    """generate_key, init, backup, restore through ``client_argv``; the restore equals ``src``."""
     run([*client_argv, "generate_key", key], env, cwd)
+    with open(os.path.join(repo, "init-token")) as handle:
+        run([*client_argv, "init", key, "--init-token", handle.read().strip()], env, cwd)
     proc = run([*client_argv, "backup", src, key], env, cwd)
     last = proc.stdout.strip().splitlines()[-1]
     assert last.startswith("Completed backup id: "), proc.stdout
@@ -274,7 +280,8 @@ def test_pure_python_roundtrip_without_any_kernel(tmp_path, bare_package):
     server = [sys.executable, "-m", "pysrbup.cli.server"]
     with serving(server, str(tmp_path / "repo"), env, cwd, str(tmp_path / "server.log")) as addr:
         client = [sys.executable, "-m", "pysrbup.cli.client", f"--server-address={addr}"]
-        backup_and_restore(client, src, str(tmp_path / "out"), str(tmp_path / "key"), env, cwd)
+        repo, out, key = (str(tmp_path / name) for name in ("repo", "out", "key"))
+        backup_and_restore(client, repo, src, out, key, env, cwd)
 
 
 def _assert_one_line_error(proc, program: str, *fragments: str) -> None:
@@ -471,4 +478,5 @@ def test_installed_wheel_roundtrip_without_compiler(tmp_path, release):
     make_full_tree(src)
     with serving([server], str(tmp_path / "repo"), env, cwd, str(tmp_path / "server.log")) as addr:
         argv = [client, f"--server-address={addr}", "--num-threads=2"]
-        backup_and_restore(argv, src, str(tmp_path / "out"), str(tmp_path / "key"), env, cwd)
+        repo, out, key = (str(tmp_path / name) for name in ("repo", "out", "key"))
+        backup_and_restore(argv, repo, src, out, key, env, cwd)

@@ -6,9 +6,41 @@ import os
 
 import pytest
 
+from pysrbup.client.session import WriteSession
+from pysrbup.crypto.keys import MasterKey
 from pysrbup.errors import NotFoundError, RepositoryError, UsageError
+from pysrbup.repo import auth
 from pysrbup.server import packs
-from pysrbup.server.storage import Repository
+from pysrbup.server.storage import Repository, Session
+
+KEY = MasterKey(bytes(range(32)))
+
+
+def _begin(repo: Repository) -> tuple[Session, int]:
+    """A signed session (initialising the repository for KEY first) and its upload stream."""
+    if not repo.initialised:
+        token = repo.init_token().encode()
+        message = auth.init_message(
+            repo.repo_id, token, KEY.write_public_key, KEY.destroy_public_key
+        )
+        repo.initialise(
+            token,
+            KEY.write_public_key,
+            KEY.destroy_public_key,
+            KEY.write_key.sign(message),
+            KEY.destroy_key.sign(message),
+        )
+    private, public = WriteSession.new_key()
+    challenge = repo.new_challenge()
+    signature = KEY.write_key.sign(auth.begin_message(repo.repo_id, challenge, public))
+    writer = WriteSession(repo.repo_id, repo.begin_session(challenge, public, signature), private)
+    proof = writer.proof(auth.OP_UPLOAD)
+    session = repo.session(proof.session_id, proof.seq, proof.signature, auth.OP_UPLOAD, b"")
+    return session, repo.open_stream(session)
+
+
+def _has(repo: Repository, oid: bytes) -> bool:
+    return repo.has_objects([oid]) == b"\x01"
 
 
 def _oid(i: int) -> bytes:
@@ -26,13 +58,13 @@ def _crash(repo: Repository) -> None:
 
 def test_append_sync_fetch_and_dedup(tmp_path):
     repo = Repository(str(tmp_path / "r"))
-    sid = repo.begin_session()
-    counts = repo.append(sid, [(_oid(i), 0, os.urandom(1000 + i)) for i in range(5)])
+    sid = _begin(repo)
+    counts = repo.append(*sid, [(_oid(i), 0, os.urandom(1000 + i)) for i in range(5)])
     assert counts.stored == 5
-    again = repo.append(sid, [(_oid(1), 0, b"dup"), (_oid(9), 0, b"new")])
+    again = repo.append(*sid, [(_oid(1), 0, b"dup"), (_oid(9), 0, b"new")])
     assert (again.stored, again.dropped) == (1, 1)
-    repo.sync(sid)
-    assert [oid for _, oid, _ in repo.index.log_after(0, 100)] == [
+    repo.sync(*sid)
+    assert [oid for _, oid, _ in repo.index.log_after(0, 100, 1 << 62)] == [
         _oid(i) for i in (0, 1, 2, 3, 4, 9)
     ]
     fetched = {oid: (status, bytes(data)) for oid, status, data in repo.fetch([_oid(9), _oid(77)])}
@@ -43,10 +75,10 @@ def test_append_sync_fetch_and_dedup(tmp_path):
 
 def test_second_session_drops_what_first_committed(tmp_path):
     repo = Repository(str(tmp_path / "r"))
-    first, second = repo.begin_session(), repo.begin_session()
-    repo.append(first, [(_oid(1), 0, b"a" * 100)])
-    repo.sync(first)
-    counts = repo.append(second, [(_oid(1), 0, b"a" * 100), (_oid(2), 0, b"b" * 100)])
+    first, second = _begin(repo), _begin(repo)
+    repo.append(*first, [(_oid(1), 0, b"a" * 100)])
+    repo.sync(*first)
+    counts = repo.append(*second, [(_oid(1), 0, b"a" * 100), (_oid(2), 0, b"b" * 100)])
     assert (counts.stored, counts.dropped) == (1, 1)
     repo.close()
 
@@ -54,11 +86,11 @@ def test_second_session_drops_what_first_committed(tmp_path):
 def test_crash_recovery_keeps_intact_records_and_drops_torn_tail(tmp_path):
     root = str(tmp_path / "r")
     repo = Repository(root)
-    sid = repo.begin_session()
+    sid = _begin(repo)
     payloads = {_oid(i): os.urandom(5000) for i in range(4)}
-    repo.append(sid, list((oid, 0, p) for oid, p in payloads.items()))
-    repo.sync(sid)
-    pack_path = repo._sessions[sid].writer.path
+    repo.append(*sid, list((oid, 0, p) for oid, p in payloads.items()))
+    repo.sync(*sid)
+    pack_path = sid[0].writer.path
     _crash(repo)
     with open(pack_path, "ab") as handle:  # a record torn by the crash
         handle.write(packs.RECORD.pack(_oid(99), 5000, 0) + b"partial")
@@ -68,28 +100,28 @@ def test_crash_recovery_keeps_intact_records_and_drops_torn_tail(tmp_path):
     assert entries is not None and {e.oid for e in entries} == set(payloads)
     got = {oid: bytes(data) for oid, status, data in repo.fetch(list(payloads)) if status == 0}
     assert got == payloads
-    assert not repo.index.contains(_oid(99))
+    assert not _has(repo, _oid(99))
     repo.close()
 
 
 def test_unsynced_records_are_rolled_back(tmp_path):
     repo = Repository(str(tmp_path / "r"))
-    sid = repo.begin_session()
-    repo.append(sid, [(_oid(1), 0, b"kept")])
-    repo.sync(sid)
-    repo.append(sid, [(_oid(2), 0, b"dropped")])
-    repo.rollback(sid)
-    repo.sync(sid)
-    assert repo.index.contains(_oid(1)) and not repo.index.contains(_oid(2))
+    sid = _begin(repo)
+    repo.append(*sid, [(_oid(1), 0, b"kept")])
+    repo.sync(*sid)
+    repo.append(*sid, [(_oid(2), 0, b"dropped")])
+    repo.rollback(*sid)
+    repo.sync(*sid)
+    assert _has(repo, _oid(1)) and not _has(repo, _oid(2))
     repo.close()
 
 
 def test_pack_rotation_seals_full_packs(tmp_path, monkeypatch):
     monkeypatch.setattr(packs, "TARGET_PACK_SIZE", 64 * 1024)
     repo = Repository(str(tmp_path / "r"))
-    sid = repo.begin_session()
-    repo.append(sid, [(_oid(i), 0, os.urandom(20_000)) for i in range(10)])
-    repo.end_session(sid)
+    sid = _begin(repo)
+    repo.append(*sid, [(_oid(i), 0, os.urandom(20_000)) for i in range(10)])
+    repo.end_session(sid[0])
     names = [name for _, name, sealed in repo.index.packs() if sealed]
     assert len(names) >= 3
     total = sum(len(packs.read_footer(os.path.join(repo.root, n))) for n in names)
@@ -115,12 +147,12 @@ def test_damaged_index_is_refused_with_rebuild_hint(tmp_path):
 
 def test_hostile_snapshot_ids_and_sessions(tmp_path):
     repo = Repository(str(tmp_path / "r"))
-    sid = repo.begin_session()
+    sid = _begin(repo)
     for bad in ("../config", "a" * 17, "", "ABCDEF0123456789"):
         with pytest.raises(UsageError):
-            repo.commit_snapshot(sid, bad, b"record", 0)
+            repo.commit_snapshot(sid[0], bad, b"record", 0)
     with pytest.raises(NotFoundError):
-        repo.append("no-such-session", [])
+        repo.session("no-such-session", 1, b"", auth.OP_UPLOAD, b"")
     with pytest.raises(NotFoundError):
         repo.delete_snapshot("../../etc", b"", b"")
     repo.close()
@@ -128,15 +160,15 @@ def test_hostile_snapshot_ids_and_sessions(tmp_path):
 
 def test_retried_commit_is_idempotent(tmp_path):
     repo = Repository(str(tmp_path / "r"))
-    first = repo.begin_session()
-    repo.append(first, [(_oid(1), 0, b"data")])
-    repo.sync(first)
-    assert repo.commit_snapshot(first, "0123456789abcdef", b"record", 0) == "0123456789abcdef"
-    retry = repo.begin_session()  # the reply was lost; the client retries in a new session
-    assert repo.commit_snapshot(retry, "0123456789abcdef", b"record", 0) == "0123456789abcdef"
-    other = repo.begin_session()
+    first = _begin(repo)
+    repo.append(*first, [(_oid(1), 0, b"data")])
+    repo.sync(*first)
+    assert repo.commit_snapshot(first[0], "0123456789abcdef", b"record", 0) == "0123456789abcdef"
+    retry = _begin(repo)  # the reply was lost; the client retries in a new session
+    assert repo.commit_snapshot(retry[0], "0123456789abcdef", b"record", 0) == "0123456789abcdef"
+    other = _begin(repo)
     with pytest.raises(UsageError, match="already exists"):
-        repo.commit_snapshot(other, "0123456789abcdef", b"another record", 0)
+        repo.commit_snapshot(other[0], "0123456789abcdef", b"another record", 0)
     assert [i.snapshot_id for i in repo.snapshots()] == ["0123456789abcdef"]
     repo.close()
 
@@ -145,16 +177,16 @@ def test_an_idle_session_stops_holding_back_sweeps(tmp_path, monkeypatch):
     from pysrbup.server import storage
 
     repo = Repository(str(tmp_path / "r"))
-    writer = repo.begin_session()
-    repo.append(writer, [(_oid(1), 0, b"garbage soon")])
-    repo.sync(writer)
-    stale = repo.begin_session()  # a client that began a backup and died
+    writer = _begin(repo)
+    repo.append(*writer, [(_oid(1), 0, b"garbage soon")])
+    repo.sync(*writer)
+    stale = _begin(repo)  # a client that began a backup and died
     repo.index.condemn([_oid(1)], watermark=2)
-    repo.end_session(writer)
-    assert repo.index.contains(_oid(1))  # the stale session might still rely on it
+    repo.end_session(writer[0])
+    assert _has(repo, _oid(1))  # the stale session might still rely on it
     monkeypatch.setattr(storage, "SESSION_IDLE_SECONDS", 0)
     repo.collect_garbage()
-    assert not repo.index.contains(_oid(1))
+    assert not _has(repo, _oid(1))
     with pytest.raises(NotFoundError):
-        repo.sync(stale)
+        repo.sync(*stale)
     repo.close()

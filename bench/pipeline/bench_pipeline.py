@@ -131,20 +131,28 @@ def test_build_frames(throughput):
 @pytest.fixture(scope="module")
 def loopback_server(tmp_path_factory):
     from pysrbup.client.connection import Connection
+    from pysrbup.client.repository import RemoteRepository
+    from pysrbup.crypto.keys import MasterKey
     from pysrbup.server.serve import serve
     from pysrbup.server.storage import Repository
+    from pysrbup.server.tls import load_or_create
 
     repo = Repository(str(tmp_path_factory.mktemp("repo")))
-    server, port = serve(repo, "127.0.0.1:0", 2)
-    conn = Connection(f"127.0.0.1:{port}")
-    yield conn
+    server, port = serve(repo, "127.0.0.1:0", 2)  # TLS, with the repository's own certificate
+    # Pinned explicitly: nothing is recorded in the user's known_servers.
+    conn = Connection(f"127.0.0.1:{port}", tls_fingerprint=load_or_create(repo.root).fingerprint)
+    remote = RemoteRepository(conn, MasterKey.generate())
+    remote.initialise(repo.init_token())
+    yield remote
     conn.close()
     server.stop(grace=None)
     repo.close()
 
 
 def test_upload_round_trip(throughput, loopback_server):
-    conn = loopback_server
+    from pysrbup.client.session import SessionHolder
+
+    remote = loopback_server
     payload = np.random.default_rng(9).bytes(1 * MiB)
     count = 64
 
@@ -153,7 +161,7 @@ def test_upload_round_trip(throughput, loopback_server):
         return (ids,), {}
 
     def run(ids):
-        up = uploader_mod.Uploader(conn, conn.begin_session())
+        up = uploader_mod.Uploader(remote.conn, SessionHolder(remote.begin_session))
         for oid in ids:
             up.put(oid, payload)
         stats = up.finish()

@@ -24,6 +24,9 @@ from pysrbup.errors import (
 
 ENV_SERVER = "PYSRBUP_SERVER"
 ENV_KEY_FILE = "PYSRBUP_KEY_FILE"
+ENV_TLS_CA = "PYSRBUP_TLS_CA"
+ENV_TLS_FINGERPRINT = "PYSRBUP_TLS_FINGERPRINT"
+ENV_PLAINTEXT = "PYSRBUP_PLAINTEXT"
 DEFAULT_SERVER = "localhost:50000"
 
 
@@ -40,6 +43,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--num-threads", type=int, default=2, help="worker threads")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument(
+        "--tls-ca",
+        metavar="FILE",
+        default=os.environ.get(ENV_TLS_CA) or None,
+        help="verify the server's certificate (and host name) against this PEM CA bundle "
+        f"(env {ENV_TLS_CA}; default: pin the certificate the server shows on first contact, "
+        "in known_servers in $PYSRBUP_CONFIG_DIR or ~/.config/pysrbup)",
+    )
+    parser.add_argument(
+        "--tls-fingerprint",
+        metavar="SHA256:HEX",
+        default=os.environ.get(ENV_TLS_FINGERPRINT) or None,
+        help="accept only the server certificate with this fingerprint, as pysrbup-server "
+        f"prints it at start (env {ENV_TLS_FINGERPRINT})",
+    )
+    parser.add_argument(
+        "--plaintext",
+        action="store_true",
+        default=os.environ.get(ENV_PLAINTEXT, "").lower() in ("1", "true", "yes", "on"),
+        help=f"no TLS, for a server run with --plaintext (env {ENV_PLAINTEXT}=1)",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
@@ -58,8 +82,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("backup_id")
     p.add_argument("key_file", nargs="?", help=key_help)
 
+    p = sub.add_parser(
+        "init",
+        help="fix a new repository's keys to this key file (once, with the server's init token)",
+    )
+    p.add_argument("key_file", nargs="?", help=key_help)
+    p.add_argument(
+        "--init-token",
+        default=os.environ.get("PYSRBUP_INIT_TOKEN"),
+        help="the token the server wrote to <backups_dir>/init-token (env PYSRBUP_INIT_TOKEN)",
+    )
+
     p = sub.add_parser("list", help="list backups")
     p.add_argument("--key-file", help="also decrypt host, path, file count and size")
+
+    p = sub.add_parser(
+        "check",
+        help="verify every backup without restoring: records, trees, and that every chunk exists",
+    )
+    p.add_argument("--key-file", help=key_help)
+    read = p.add_mutually_exclusive_group()
+    read.add_argument(
+        "--read-data", action="store_true", help="also fetch and verify every data chunk"
+    )
+    read.add_argument(
+        "--read-data-subset",
+        metavar="N%|n/t",
+        help="fetch and verify a random N%% of the chunks, or the n-th of t fixed groups",
+    )
 
     p = sub.add_parser("generate_key", help="create a new key")
     p.add_argument("key_file", nargs="?", help="where to write it (default: print it)")
@@ -95,20 +145,34 @@ def _open_repo(args, key):
     from pysrbup.client.connection import Connection
     from pysrbup.client.repository import RemoteRepository
 
-    conn = Connection(args.server_address)
+    conn = Connection(
+        args.server_address,
+        plaintext=args.plaintext,
+        tls_ca=args.tls_ca,
+        tls_fingerprint=args.tls_fingerprint,
+    )
     try:
-        return RemoteRepository(conn, key)
+        return RemoteRepository(conn, key, warn=_warn)
     except BaseException:
         conn.close()
         raise
 
 
+def _warn(message: str) -> None:
+    from pysrbup.textsafe import printable
+
+    print(f"pysrbup-client: warning: {printable(message)}", file=sys.stderr)
+
+
 def _emit(args, payload: dict, lines: list[str]) -> None:
+    """Prints ``payload`` as JSON, or ``lines`` with control characters escaped."""
+    from pysrbup.textsafe import printable
+
     if args.json:
         print(json.dumps(payload))
     else:
         for line in lines:
-            print(line)
+            print(printable(line))
 
 
 def cmd_generate_key(args) -> int:
@@ -122,6 +186,25 @@ def cmd_generate_key(args) -> int:
         print(json.dumps({"key": json.loads(key.dumps())}))
     else:
         sys.stdout.write(key.dumps())
+    return EXIT_OK
+
+
+def cmd_init(args) -> int:
+    key = _key(args.key_file)
+    if not args.init_token:
+        raise UsageError(
+            "no init token given (--init-token or PYSRBUP_INIT_TOKEN; the server wrote it to "
+            "<backups_dir>/init-token)"
+        )
+    repo = _open_repo(args, key)
+    with repo.conn:
+        repo.initialise(args.init_token)
+    repo_id = repo.repo_id.hex()
+    _emit(
+        args,
+        {"repo_id": repo_id, "initialised": True},
+        [f"Initialised repository {repo_id}: only this key can now write to it or delete"],
+    )
     return EXIT_OK
 
 
@@ -236,12 +319,13 @@ def cmd_list(args) -> int:
         for info in repo.snapshots():
             row = {
                 "id": info.snapshot_id,
-                "time": iso_time(info.created_ns),
+                "time": iso_time(info.created_ns),  # the server's word, until the key opens it
                 "stored_bytes": info.stored_bytes,
             }
             if key is not None:
                 snap = repo.open_snapshot(info)
                 row.update(
+                    time=iso_time(snap.time_ns),
                     host=snap.hostname,
                     path=os.fsdecode(snap.source_path),
                     files=snap.files,
@@ -261,17 +345,49 @@ def cmd_list(args) -> int:
     return EXIT_OK
 
 
+def cmd_check(args) -> int:
+    from pysrbup.client.check import Check, parse_subset
+    from pysrbup.client.progress import Progress
+    from pysrbup.errors import IntegrityError
+
+    select = None
+    if args.read_data_subset is not None:
+        select = parse_subset(args.read_data_subset)
+    elif args.read_data:
+        select = parse_subset("100%")
+    key = _key(args.key_file)
+    repo = _open_repo(args, key)
+    with repo.conn:
+        result = Check(repo, select, Progress("check")).run()
+    lines = [
+        f"Checked {result.backups} backups: {result.trees} trees, "
+        f"{result.data_objects} data objects referenced",
+        f"Fetched and verified the trees and {result.data_read} data objects: "
+        f"{human_bytes(result.bytes_read)} in {result.duration:.1f} s",
+        *result.problem_lines(),
+        "No errors were found" if result.healthy else result.summary(),
+    ]
+    _emit(args, result.as_dict(), lines)
+    if not result.healthy:
+        raise IntegrityError(result.summary())
+    return EXIT_OK
+
+
 COMMANDS = {
     "backup": cmd_backup,
     "restore": cmd_restore,
     "delete": cmd_delete,
     "list": cmd_list,
+    "check": cmd_check,
+    "init": cmd_init,
     "generate_key": cmd_generate_key,
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # gRPC core logs every failed TLS handshake at INFO on stderr; errors are reported in one line.
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     if args.num_threads < 1:
         print("pysrbup-client: error: --num-threads must be at least 1", file=sys.stderr)
         return UsageError.exit_code

@@ -7,6 +7,7 @@ import sys
 from pysrbup import __version__
 from pysrbup._native import backend_names
 from pysrbup.errors import EXIT_ERROR, PysrbupError
+from pysrbup.textsafe import printable
 
 
 def version_text(program: str) -> str:
@@ -18,7 +19,7 @@ def version_text(program: str) -> str:
 def report_error(program: str, exc: BaseException) -> int:
     """Prints one line for ``exc`` on stderr and returns the exit code."""
     if isinstance(exc, PysrbupError):
-        print(f"{program}: error: {exc}", file=sys.stderr)
+        print(f"{program}: error: {printable(str(exc))}", file=sys.stderr)
         return exc.exit_code
-    print(f"{program}: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+    print(f"{program}: error: {type(exc).__name__}: {printable(str(exc))}", file=sys.stderr)
     return EXIT_ERROR

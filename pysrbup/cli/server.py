@@ -43,9 +43,31 @@ def build_parser() -> argparse.ArgumentParser:
         help="verify and repair every pack, report, and exit (non-zero if anything is lost)",
     )
     mode.add_argument(
+        "--init",
+        action="store_true",
+        help="create the repository if needed, print its one-time init token and exit "
+        "(the owner passes it to pysrbup-client init)",
+    )
+    mode.add_argument(
         "--rebuild-index",
         action="store_true",
         help="rebuild the SQLite index from the packs' footers and exit",
+    )
+    parser.add_argument(
+        "--tls-cert",
+        metavar="FILE",
+        help="PEM certificate (chain, leaf first) to serve TLS with; needs --tls-key "
+        "(default: a self-signed one made on first start in <backups_dir>/tls/)",
+    )
+    parser.add_argument("--tls-key", metavar="FILE", help="unencrypted PEM key of --tls-cert")
+    parser.add_argument(
+        "--plaintext",
+        action="store_true",
+        help="serve without TLS. Backups stay end-to-end encrypted, but anyone on the network "
+        "path sees the traffic (object ids, sizes, session ids, timing, which backups exist) and "
+        "can impersonate this server, tamper with its replies or drop requests (hiding or "
+        "rolling back backups), or take a new repository's init token before its owner uses "
+        "it. For loopback or an encrypted tunnel only; clients need --plaintext too",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log requests")
     parser.add_argument("backups_dir", help="repository directory (created if missing)")
@@ -65,6 +87,15 @@ def print_scrub(report) -> int:
         for oid in ids:
             print(f"  lost object {oid.hex()}")
     return 1 if report.damaged else EXIT_OK
+
+
+def print_init(repo) -> int:
+    """Prints the init token of an uninitialised repository (``--init``)."""
+    if repo.initialised:
+        print(f"pysrbup-server: {repo.root} is already initialised", file=sys.stderr)
+        return 1
+    print(repo.init_token())
+    return EXIT_OK
 
 
 _SCRUBBING = threading.Lock()
@@ -96,6 +127,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.num_threads < 1:
         print("pysrbup-server: error: --num-threads must be at least 1", file=sys.stderr)
         return 2
+    if bool(args.tls_cert) != bool(args.tls_key) or (args.plaintext and args.tls_cert):
+        print(
+            "pysrbup-server: error: give --tls-cert and --tls-key together, and not with "
+            "--plaintext",
+            file=sys.stderr,
+        )
+        return 2
     try:
         from pysrbup.server.ecc import EccLevel
         from pysrbup.server.serve import serve
@@ -109,14 +147,37 @@ def main(argv: list[str] | None = None) -> int:
             )
             return EXIT_OK
         repo = Repository(args.backups_dir, append_only=args.append_only, ecc_level=level)
+        if args.init:
+            try:
+                return print_init(repo)
+            finally:
+                repo.close()
         if args.scrub:
             try:
                 repo.wait_for_parity()
                 return print_scrub(repo.scrub())
             finally:
                 repo.close()
+        certificate = None
+        if not args.plaintext:
+            from pysrbup.server import tls
+
+            try:
+                if args.tls_cert:
+                    certificate = tls.load(args.tls_cert, args.tls_key)
+                else:
+                    certificate = tls.load_or_create(repo.root)
+            except PysrbupError:
+                repo.close()
+                raise
         try:
-            server, port = serve(repo, args.bind_to, args.num_threads)
+            server, port = serve(
+                repo,
+                args.bind_to,
+                args.num_threads,
+                certificate=certificate,
+                plaintext=args.plaintext,
+            )
         except (OSError, RuntimeError) as exc:
             repo.close()
             raise PysrbupError(f"cannot listen on {args.bind_to}: {exc}") from None
@@ -130,6 +191,23 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    if certificate is None:
+        print(
+            "pysrbup-server: warning: serving without TLS (--plaintext): anyone on the "
+            "network path can read and alter the traffic",
+            file=sys.stderr,
+        )
+    else:
+        print(
+            f"pysrbup-server: TLS certificate fingerprint {certificate.fingerprint}",
+            file=sys.stderr,
+        )
+    if not repo.initialised:
+        print(
+            f"pysrbup-server: the repository is new: initialise it with "
+            f"pysrbup-client init --init-token $(cat {repo.init_token_path}) KEY_FILE",
+            file=sys.stderr,
+        )
     print(f"pysrbup-server: serving {repo.root} on port {port}", file=sys.stderr, flush=True)
     next_scrub = time.monotonic() + args.scrub_interval
     while not stop.wait(0.5):

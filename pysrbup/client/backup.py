@@ -52,13 +52,16 @@ from pysrbup.client.idcache import IdCache
 from pysrbup.client.memtune import tune_malloc
 from pysrbup.client.progress import Progress
 from pysrbup.client.repository import RemoteRepository
+from pysrbup.client.retry import retrying
+from pysrbup.client.session import SessionHolder
 from pysrbup.client.uploader import Uploader
-from pysrbup.errors import NotFoundError, ServerUnavailableError, UsageError
+from pysrbup.errors import IntegrityError, NotFoundError, UsageError
 from pysrbup.proto import repo_pb2
 from pysrbup.repo import snapshot, tree
+from pysrbup.repo.wire import ID_SIZE
+from pysrbup.textsafe import printable
 
 SNAPSHOT_VERSION = 1
-ID_SIZE = 32
 #: Read size of the block pipeline; a block also holds the carried tail (< max chunk).
 READ_BYTES = 4 * 1024 * 1024
 BLOCK_BYTES = READ_BYTES + chunker.DEFAULT_MAX
@@ -70,7 +73,6 @@ SAMPLE_SLICES = 32
 SAMPLE_SLICE = 1024
 SAMPLE_RATIO = 0.99
 FILE_QUEUE = 256
-COMMIT_RETRY_SECONDS = 30.0
 
 
 @dataclass
@@ -202,7 +204,9 @@ class Backup:
         self.key = repo._require_key()
         self.num_threads = max(1, num_threads)
         self.progress = progress or Progress("backup", enabled=False)
-        self.warn = warn or (lambda message: print(f"warning: {message}", file=sys.stderr))
+        self.warn = warn or (
+            lambda message: print(f"warning: {printable(message)}", file=sys.stderr)
+        )
         self.result = BackupResult()
         self._known: set[bytes] = set()
         self._claimed: set[bytes] = set()
@@ -609,17 +613,17 @@ class Backup:
         if not stat.S_ISDIR(st.st_mode):
             raise UsageError(f"{source} is not a directory")
         repo = self.repo
-        repo.ensure_registered()
+        repo.ensure_initialised()
         cache = IdCache(repo.repo_id)
         # The session begins before the id sync: a delete condemning ids after
         # this point cannot sweep them until the session ends.
-        session_id = repo.conn.begin_session()
-        cache.sync(repo.conn, repo.info.id_log_epoch)
+        self._sessions = SessionHolder(repo.begin_session)
+        cache.sync(repo.conn)
         self._known = cache.ids
-        self._sealer = repo.new_session_sealer()
+        self._sealer = repo.new_session_sealer(self._sessions.current)
         self._files = FilesCache(repo.repo_id).open()
         self._uploader = Uploader(
-            repo.conn, session_id, on_durable=self._on_durable, warn=self.warn
+            repo.conn, self._sessions, on_durable=self._on_durable, warn=self.warn
         )
         threading.Thread(target=self._count_total, args=(source,), daemon=True).start()
         try:
@@ -643,6 +647,7 @@ class Backup:
                 session_key_id=self._sealer.key_id,
             )
             backup_id, sealed = snapshot.seal_snapshot(self._sealer, record)
+            self._confirm_deduplicated(cache)
             self._commit(cache, backup_id, sealed)
             self._files.compact(os.fsencode(source))
         except BaseException:
@@ -655,27 +660,43 @@ class Backup:
         self.result.duration = time.monotonic() - started
         return self.result
 
+    def _confirm_deduplicated(self, cache: IdCache) -> None:
+        """Checks that the repository holds what this backup reused instead of uploading.
+
+        The id log only says what the server claims; one batched existence
+        query (32 bytes per id) confirms it before the snapshot can depend on
+        it. Ids it lacks are dropped from the local cache so the next run
+        uploads them.
+        """
+        with self._lock:
+            reused = [oid for oid in self._used if oid not in self._claimed]
+        missing = self.repo.missing_objects(reused)
+        if missing:
+            cache.discard(missing)
+            raise IntegrityError(
+                f"the repository lacks {len(missing)} object(s) its id log lists and this "
+                "backup reuses; they are forgotten locally: run the backup again to upload them"
+            )
+
     def _commit(self, cache: IdCache, backup_id: str, sealed: bytes) -> None:
         """Commits the snapshot, riding out a server restart or a lost connection."""
-        deadline = time.monotonic() + COMMIT_RETRY_SECONDS
-        delay = 0.2
-        while True:
-            try:
-                self.repo.commit_backup(
-                    cache, self._uploader.session_id, backup_id, sealed, self._used
-                )
-                return
-            except (ServerUnavailableError, NotFoundError) as exc:
-                if time.monotonic() > deadline:
-                    raise
-                self.warn(f"{exc}; retrying the commit in {delay:.1f} s")
-                time.sleep(delay)
-                delay = min(2 * delay, 5.0)
-                if isinstance(exc, NotFoundError):  # the server forgot the session
-                    with contextlib.suppress(ServerUnavailableError):
-                        self._uploader.session_id = self.repo.conn.begin_session()
+        sessions = self._sessions
+        attempted = []
+
+        def attempt() -> None:
+            attempted.append(sessions.current)
+            self.repo.commit_backup(cache, sessions.current, backup_id, sealed, self._used)
+
+        def renew(exc: Exception) -> None:
+            if isinstance(exc, NotFoundError):  # the server forgot the session
+                sessions.renew(attempted[-1])
+
+        retrying(attempt, self.warn, "the commit", on_transient=renew)
 
     def _abort(self) -> None:
         with contextlib.suppress(Exception):
             self._uploader.abort()
-        self.repo.conn.end_session(self._uploader.session_id)
+        sessions = getattr(self, "_sessions", None)
+        if sessions is not None:
+            with contextlib.suppress(Exception):
+                self.repo.end_session(sessions.current)

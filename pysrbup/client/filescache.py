@@ -37,8 +37,8 @@ import zlib
 from dataclasses import dataclass
 
 from pysrbup.client.cache import repo_cache_dir
+from pysrbup.repo.wire import ID_SIZE
 
-ID_SIZE = 32
 RACY_SECONDS = 1.0
 _LEN = struct.Struct("<I")
 _HEAD = struct.Struct("<QqqQII")

@@ -5,9 +5,10 @@ object still referenced (the live set), and asks the server to condemn every
 other id in the repository. The server sweeps a condemned object only once
 every session that began before the condemnation has ended, and a backup
 revives what it relies on before committing (see RemoteRepository.commit_backup),
-so concurrent backups never lose data. A condemnation is refused if any
-snapshot was committed or deleted after the client listed them; the client
-then starts over.
+so concurrent backups never lose data. A condemnation names (and signs) the
+set of snapshots the live set came from, and the server refuses it if its own
+set differs: a snapshot committed or deleted meanwhile (the client then starts
+over), or a listing that hid a backup from the client.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from pysrbup.client.idcache import IdCache
 from pysrbup.client.repository import RemoteRepository
 from pysrbup.errors import ConflictError, IntegrityError
 from pysrbup.repo import tree
+from pysrbup.repo.wire import MAX_IDS_PER_REQUEST
 
-CONDEMN_BATCH = 65536
+CONDEMN_BATCH = MAX_IDS_PER_REQUEST
 ATTEMPTS = 10
 
 
@@ -32,9 +34,8 @@ class GcResult:
     bytes_pending: int = 0
 
 
-def live_set(repo: RemoteRepository) -> tuple[int, set[bytes]]:
-    """(snapshot generation, every id the remaining snapshots reference)."""
-    generation = repo.conn.info().snapshot_generation
+def live_set(repo: RemoteRepository) -> tuple[list[str], set[bytes]]:
+    """(the snapshot ids listed, every id those snapshots reference)."""
     live: set[bytes] = set()
     level: list[bytes] = []
     infos = repo.snapshots()
@@ -64,27 +65,27 @@ def live_set(repo: RemoteRepository) -> tuple[int, set[bytes]]:
         if got != len(level):
             raise IntegrityError("the server did not return every directory object asked for")
         level = next_level
-    return generation, live
+    return [info.snapshot_id for info in infos], live
 
 
 def collect_garbage(repo: RemoteRepository) -> GcResult:
     """Condemns every object no snapshot references; returns what was freed."""
     for _ in range(ATTEMPTS):
         result = GcResult()
-        generation, live = live_set(repo)
-        result.snapshots = len(repo.snapshots())
+        snapshot_ids, live = live_set(repo)
+        result.snapshots = len(snapshot_ids)
         result.live_objects = len(live)
         cache = IdCache(repo.repo_id)
-        cache.sync(repo.conn, repo.conn.info().id_log_epoch)
+        cache.sync(repo.conn)
         garbage = sorted(cache.ids - live)
         try:
             if not garbage:
-                reply = repo.condemn([], generation)
+                reply = repo.condemn([], snapshot_ids)
                 result.bytes_freed = reply.bytes_freed
                 result.bytes_pending = reply.bytes_pending
                 return result
             for start in range(0, len(garbage), CONDEMN_BATCH):
-                reply = repo.condemn(garbage[start : start + CONDEMN_BATCH], generation)
+                reply = repo.condemn(garbage[start : start + CONDEMN_BATCH], snapshot_ids)
                 result.condemned += reply.condemned
                 result.bytes_freed += reply.bytes_freed
                 result.bytes_pending = reply.bytes_pending

@@ -19,9 +19,7 @@ import os
 
 from pysrbup.client.cache import repo_cache_dir
 from pysrbup.client.connection import Connection
-
-ID_SIZE = 32
-OP_CONDEMN = 1
+from pysrbup.repo.wire import ID_SIZE, OP_CONDEMN
 
 
 class IdCache:
@@ -69,12 +67,14 @@ class IdCache:
             )
         os.replace(tmp, self._state_path)
 
-    def sync(self, conn: Connection, epoch: int) -> list[bytes]:
-        """Brings the set up to date with the server's id log.
+    def sync(self, conn: Connection) -> list[bytes]:
+        """Brings the set up to date with the server's id log, up to where it is now.
 
         Returns the ids condemned (garbage-collected) in the part of the log
         read now, so a running backup can revive the ones it relies on.
         """
+        info = conn.info()
+        epoch = info.id_log_epoch
         condemned: list[bytes] = []
         with open(os.path.join(self.folder, "lock"), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
@@ -86,7 +86,7 @@ class IdCache:
             with open(self._ids_path, "r+b") as handle:
                 handle.truncate(len(self.ids) * ID_SIZE)
                 handle.seek(0, os.SEEK_END)
-                for batch in conn.sync_ids(self.last_seq):
+                for batch in conn.sync_ids(self.last_seq, info.id_log_last_seq):
                     blob, ops = batch.ids, batch.ops
                     fresh = []
                     for n in range(len(blob) // ID_SIZE):
@@ -103,9 +103,21 @@ class IdCache:
                         handle.write(b"".join(fresh))
                     self.last_seq = batch.last_seq
             if rewrite:  # removals are rare (after a delete): write the whole set anew
-                tmp = self._ids_path + ".tmp"
-                with open(tmp, "wb") as handle:
-                    handle.write(b"".join(self.ids))
-                os.replace(tmp, self._ids_path)
+                self._rewrite()
             self._save_state()
         return condemned
+
+    def _rewrite(self) -> None:
+        tmp = self._ids_path + ".tmp"
+        with open(tmp, "wb") as handle:
+            handle.write(b"".join(self.ids))
+        os.replace(tmp, self._ids_path)
+
+    def discard(self, oids: list[bytes]) -> None:
+        """Forgets ids the server listed but does not hold, so they are uploaded again."""
+        with open(os.path.join(self.folder, "lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self._load()
+            self.ids.difference_update(oids)
+            self._rewrite()
+            self._save_state()

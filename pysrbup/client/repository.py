@@ -2,72 +2,184 @@
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Iterator
+import re
+from collections.abc import Callable, Iterator
 
+from pysrbup.client.cache import repo_cache_dir
 from pysrbup.client.connection import Connection
 from pysrbup.client.idcache import IdCache
+from pysrbup.client.session import WriteSession
 from pysrbup.crypto.keys import MasterKey
 from pysrbup.errors import (
     ConflictError,
     IntegrityError,
     NotFoundError,
+    PermissionDeniedError,
+    RepositoryError,
     UsageError,
     WrongKeyError,
 )
 from pysrbup.proto import repo_pb2, service_pb2
-from pysrbup.repo import envelope, snapshot
-from pysrbup.repo.auth import condemn_message, delete_message
+from pysrbup.repo import auth, envelope, snapshot, wire
 
-KEY_ID_SIZE = envelope.KEY_ID_SIZE
-#: Ids per fetch request (the server accepts up to 65,536).
+#: Ids per fetch request (the server accepts up to wire.MAX_IDS_PER_REQUEST).
 FETCH_IDS = 1024
 COMMIT_ATTEMPTS = 10
+ENV_INIT_TOKEN = "PYSRBUP_INIT_TOKEN"
+
+
+def not_initialised_error() -> RepositoryError:
+    return RepositoryError(
+        "the repository is not initialised: run pysrbup-client init --init-token TOKEN KEY_FILE "
+        "(the token is in <backups_dir>/init-token on the server)"
+    )
+
+
+class SeenSnapshots:
+    """The snapshot set this machine last saw in a repository (``snapshots.seen``).
+
+    A backup that disappears from a listing without a delete of our own is
+    reported: a server (or a man in the middle) that hides or rolls back
+    backups does not go unnoticed.
+    """
+
+    def __init__(self, repo_id: bytes):
+        self.path = os.path.join(repo_cache_dir(repo_id), "snapshots.seen")
+
+    def load(self) -> set[str]:
+        try:
+            with open(self.path, encoding="utf-8") as handle:
+                return {s for s in json.load(handle) if isinstance(s, str)}
+        except (OSError, ValueError, TypeError):
+            return set()
+
+    def save(self, ids: set[str]) -> None:
+        tmp = f"{self.path}.tmp.{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as handle:
+            json.dump(sorted(ids), handle)
+        os.replace(tmp, self.path)
+
+    def update(self, current: set[str]) -> set[str]:
+        """Records ``current``; returns the ids seen before that are gone now."""
+        vanished = self.load() - current
+        self.save(current)
+        return vanished
+
+    def forget(self, snapshot_id: str) -> None:
+        """Our own delete: the id's absence from later listings is expected."""
+        seen = self.load()
+        if snapshot_id in seen:
+            seen.discard(snapshot_id)
+            self.save(seen)
 
 
 class RemoteRepository:
     """A connection plus the key: checks the key fits, opens objects and snapshots."""
 
-    def __init__(self, conn: Connection, key: MasterKey | None):
+    def __init__(
+        self,
+        conn: Connection,
+        key: MasterKey | None,
+        warn: Callable[[str], None] | None = None,
+    ):
         self.conn = conn
         self.key = key
+        self.warn = warn or (lambda message: None)
         self.info = conn.info()
         self._opener: envelope.Opener | None = None
-        if key is not None:
-            registered = self.info.auth_public_key
-            if registered and registered != key.auth_public_key:
-                raise WrongKeyError("the key does not belong to this repository")
+        if key is not None and self.initialised:
+            self._check_key(key)
 
     @property
     def repo_id(self) -> bytes:
         return self.info.repo_id
+
+    @property
+    def initialised(self) -> bool:
+        return bool(self.info.write_public_key and self.info.destroy_public_key)
+
+    def _check_key(self, key: MasterKey) -> None:
+        if (self.info.write_public_key, self.info.destroy_public_key) != (
+            key.write_public_key,
+            key.destroy_public_key,
+        ):
+            raise WrongKeyError("the key does not belong to this repository")
 
     def _require_key(self) -> MasterKey:
         if self.key is None:
             raise UsageError("this command needs the key file")
         return self.key
 
-    def ensure_registered(self) -> None:
-        """Registers our auth key with a fresh repository (first writer wins)."""
-        key = self._require_key()
-        if not self.info.auth_public_key:
-            registered = self.conn.register_key(key.auth_public_key)
-            if registered != key.auth_public_key:
-                raise WrongKeyError("the key does not belong to this repository")
-            self.info = self.conn.info()
+    # ---- initialising and sessions ---------------------------------------------
 
-    def new_session_sealer(self) -> envelope.Sealer:
+    def initialise(self, token: str) -> None:
+        """Fixes the repository's public keys to ours, with the server's init token."""
+        key = self._require_key()
+        if self.initialised:
+            self._check_key(key)
+            raise PermissionDeniedError("the repository is already initialised with this key")
+        token_b = token.strip().encode()
+        message = auth.init_message(
+            self.repo_id, token_b, key.write_public_key, key.destroy_public_key
+        )
+        self.conn.init_repository(
+            service_pb2.InitRequest(
+                token=token_b,
+                write_public_key=key.write_public_key,
+                destroy_public_key=key.destroy_public_key,
+                write_signature=key.write_key.sign(message),
+                destroy_signature=key.destroy_key.sign(message),
+            )
+        )
+        self.info = self.conn.info()
+        self._check_key(key)
+
+    def ensure_initialised(self) -> None:
+        """Initialises a new repository when ``PYSRBUP_INIT_TOKEN`` is set; else says how."""
+        if self.initialised:
+            return
+        token = os.environ.get(ENV_INIT_TOKEN, "")
+        if not token:
+            raise not_initialised_error()
+        try:
+            self.initialise(token)
+        except PermissionDeniedError:
+            self.info = self.conn.info()  # another client with this key may have been first
+            if not self.initialised:
+                raise
+            self._check_key(self._require_key())
+
+    def begin_session(self) -> WriteSession:
+        """Opens a writing session, proving the write capability."""
+        key = self._require_key()
+        if not self.initialised:
+            raise not_initialised_error()
+        private, public = WriteSession.new_key()
+        challenge = self.conn.challenge()
+        signature = key.write_key.sign(auth.begin_message(self.repo_id, challenge, public))
+        session_id = self.conn.begin_session(challenge, public, signature)
+        return WriteSession(self.repo_id, session_id, private)
+
+    def end_session(self, session: WriteSession) -> None:
+        self.conn.end_session(session.proof(auth.OP_END))
+
+    def new_session_sealer(self, session: WriteSession) -> envelope.Sealer:
         """A fresh session key, stored wrapped on the server, and a sealer for it."""
         key = self._require_key()
-        key_id = os.urandom(KEY_ID_SIZE)
+        key_id = os.urandom(wire.KEY_ID_SIZE)
         session_key = os.urandom(32)
+        wrapped = envelope.wrap_session_key(key.wrap_key, key_id, session_key)
         self.conn.put_session_key(
-            key_id, envelope.wrap_session_key(key.wrap_key, key_id, session_key)
+            session.proof(auth.OP_PUT_KEY, auth.put_key_body(key_id, wrapped)), key_id, wrapped
         )
         sealer = envelope.Sealer(key.mac_key, session_key, key_id)
         if self._opener is not None:
             self._opener.add_session_key(key_id, session_key)
         return sealer
+
+    # ---- reading -------------------------------------------------------------
 
     @property
     def opener(self) -> envelope.Opener:
@@ -80,8 +192,8 @@ class RemoteRepository:
         """Yields (id, verified plaintext or None, why not) for ``oids``, in batches."""
         for start in range(0, len(oids), FETCH_IDS):
             for oid, status, payload in self.conn.fetch_frames(oids[start : start + FETCH_IDS]):
-                if status != 0:
-                    what = "missing" if status == 1 else "damaged"
+                if status != wire.FETCH_FOUND:
+                    what = "missing" if status == wire.FETCH_MISSING else "damaged"
                     yield oid, None, f"object {oid.hex()[:16]} is {what} in the repository"
                     continue
                 try:
@@ -89,14 +201,38 @@ class RemoteRepository:
                 except IntegrityError as exc:
                     yield oid, None, str(exc)
 
+    def missing_objects(self, oids: list[bytes]) -> list[bytes]:
+        """The ids among ``oids`` the repository does not store (batched existence queries)."""
+        missing = []
+        step = wire.MAX_IDS_PER_REQUEST
+        for start in range(0, len(oids), step):
+            part = oids[start : start + step]
+            present = self.conn.has_objects(part)
+            missing += [oid for oid, ok in zip(part, present, strict=True) if not ok]
+        return missing
+
     def snapshots(self) -> list[service_pb2.SnapshotInfo]:
-        return self.conn.snapshots()
+        """Every snapshot record the server lists, checked for well-formed, unique ids.
+
+        Warns when a backup seen before from this machine is missing without
+        a delete of our own (hidden or rolled back by the server).
+        """
+        infos = self.conn.snapshots()  # ids checked there: 16 hex digits, unique
+        ids = {info.snapshot_id for info in infos}
+        vanished = SeenSnapshots(self.repo_id).update(ids)
+        if vanished:
+            shown = ", ".join(sorted(vanished)[:10])
+            self.warn(
+                f"{len(vanished)} backup(s) listed before are gone without a delete from this "
+                f"machine: {shown} (deleted elsewhere, or hidden by the server)"
+            )
+        return infos
 
     def find_snapshot(self, backup_id: str) -> service_pb2.SnapshotInfo:
         """The snapshot whose id is ``backup_id`` or starts with it (unique prefix)."""
         backup_id = backup_id.strip().lower()
-        if not backup_id:
-            raise NotFoundError("empty backup id")
+        if not backup_id or not re.fullmatch(r"[0-9a-f]{1,16}", backup_id):
+            raise NotFoundError(f"{backup_id!r} is not a backup id (16 hex digits or a prefix)")
         infos = self.snapshots()
         exact = [i for i in infos if i.snapshot_id == backup_id]
         if exact:
@@ -111,23 +247,50 @@ class RemoteRepository:
     def open_snapshot(self, info: service_pb2.SnapshotInfo) -> repo_pb2.Snapshot:
         return snapshot.open_snapshot(self.opener, info.snapshot_id, info.record)
 
+    # ---- destroying ------------------------------------------------------------
+
     def delete_snapshot(self, snapshot_id: str) -> bool:
-        """Deletes a snapshot record, proving knowledge of the key; True if already gone."""
+        """Deletes a snapshot record, proving the destroy capability; True if already gone."""
         key = self._require_key()
         challenge = self.conn.challenge()
-        signature = key.auth_key.sign(delete_message(self.repo_id, challenge, snapshot_id))
-        return self.conn.delete_snapshot(snapshot_id, challenge, signature)
+        signature = key.destroy_key.sign(auth.delete_message(self.repo_id, challenge, snapshot_id))
+        already = self.conn.delete_snapshot(snapshot_id, challenge, signature)
+        SeenSnapshots(self.repo_id).forget(snapshot_id)
+        return already
 
-    def condemn(self, oids: list[bytes], generation: int) -> service_pb2.CondemnReply:
-        """Asks the server to condemn ``oids`` as garbage, proving knowledge of the key."""
+    def condemn(self, oids: list[bytes], snapshot_ids: list[str]) -> service_pb2.CondemnReply:
+        """Asks the server to condemn ``oids`` as garbage, proving the destroy capability.
+
+        ``snapshot_ids`` are the snapshots the live set was computed from; the
+        server refuses if its own set differs.
+        """
         key = self._require_key()
         blob = b"".join(sorted(oids))
+        snapshot_set = auth.snapshot_set_digest(snapshot_ids)
         challenge = self.conn.challenge()
-        signature = key.auth_key.sign(condemn_message(self.repo_id, challenge, generation, blob))
-        return self.conn.condemn(blob, generation, challenge, signature)
+        signature = key.destroy_key.sign(
+            auth.condemn_message(self.repo_id, challenge, snapshot_set, blob)
+        )
+        return self.conn.condemn(blob, snapshot_set, challenge, signature)
+
+    # ---- committing ------------------------------------------------------------
+
+    def _revive(self, session: WriteSession, oids: list[bytes]) -> list[bytes]:
+        """Revives ``oids`` in batches; returns those the repository no longer has."""
+        gone = []
+        step = wire.MAX_IDS_PER_REQUEST
+        for start in range(0, len(oids), step):
+            blob = b"".join(oids[start : start + step])
+            gone += self.conn.revive(session.proof(auth.OP_REVIVE, auth.ids_body(blob)), blob)
+        return gone
 
     def commit_backup(
-        self, cache: IdCache, session_id: str, backup_id: str, record: bytes, used: set[bytes]
+        self,
+        cache: IdCache,
+        session: WriteSession,
+        backup_id: str,
+        record: bytes,
+        used: set[bytes],
     ) -> None:
         """Commits a snapshot after reviving anything it uses that a delete condemned.
 
@@ -135,14 +298,16 @@ class RemoteRepository:
         id-log position we checked, so the check and the commit cannot race.
         """
         for _ in range(COMMIT_ATTEMPTS):
-            condemned = cache.sync(self.conn, self.info.id_log_epoch)
-            relied = [oid for oid in condemned if oid in used]
-            if relied and self.conn.revive(session_id, relied):
+            condemned = cache.sync(self.conn)
+            relied = [oid for oid in dict.fromkeys(condemned) if oid in used]
+            if self._revive(session, relied):
                 raise ConflictError(
                     "a concurrent delete removed data this backup relies on; run the backup again"
                 )
+            checked = cache.last_seq
+            proof = session.proof(auth.OP_COMMIT, auth.commit_body(backup_id, record, checked))
             try:
-                self.conn.commit_snapshot(session_id, backup_id, record, cache.last_seq)
+                self.conn.commit_snapshot(proof, backup_id, record, checked)
                 return
             except ConflictError:
                 continue

@@ -11,15 +11,16 @@ what lets the files cache record a file only once all its chunks are stored.
 At most ``WINDOW_BYTES`` of frames are unacknowledged at a time (producers
 block beyond that), which bounds memory and what a failure can cost. When the
 stream breaks (server restart, network cut) the sender reconnects with
-exponential backoff, begins a new session if the server forgot the old one,
-and re-sends every unacknowledged frame; a duplicate of an object the server
-already made durable is simply dropped there. It gives up after
-``retry_seconds`` without progress.
+exponential backoff, begins a new session if the server forgot the old one
+(through the ``SessionHolder`` it shares with the commit), and re-sends every
+unacknowledged frame; a duplicate of an object the server already made
+durable is simply dropped there. It gives up after ``retry_seconds`` without
+progress. A stream with nothing to send for ``IDLE_STREAM_SECONDS`` is ended
+(the server times idle streams out) and a new one opened when frames come.
 """
 
 from __future__ import annotations
 
-import os
 import struct
 import threading
 import time
@@ -29,13 +30,16 @@ from dataclasses import dataclass
 
 from pysrbup._native import framing
 from pysrbup.client.connection import Connection
+from pysrbup.client.retry import RETRY_SECONDS, TRANSIENT, Backoff
+from pysrbup.client.session import SessionHolder
 from pysrbup.errors import NotFoundError, PysrbupError, ServerUnavailableError
+from pysrbup.repo.wire import UPLOAD_ACK
 
 FRAME_BYTES = 4 * 1024 * 1024
 #: 24 MiB measured as fast as 32 MiB on loopback, with 8 MiB less peak RSS.
 WINDOW_BYTES = 24 * 1024 * 1024
-RETRY_SECONDS = float(os.environ.get("PYSRBUP_RETRY_SECONDS", "30"))
-ACK = struct.Struct("<QQQQ")  # server/servicer.py UPLOAD_ACK
+#: A stream with nothing to send for this long is ended cleanly (see the module docstring).
+IDLE_STREAM_SECONDS = 20.0
 _FRAME_HEADER = struct.Struct("<4sI")
 _RECORD_HEADER = struct.Struct("<32sBI")
 
@@ -73,13 +77,13 @@ class Uploader:
     def __init__(
         self,
         conn: Connection,
-        session_id: str,
+        sessions: SessionHolder,
         on_durable: Callable[[list[bytes]], None] | None = None,
         retry_seconds: float = RETRY_SECONDS,
         warn: Callable[[str], None] | None = None,
     ):
         self.conn = conn
-        self.session_id = session_id
+        self.sessions = sessions
         self.stats = UploadStats()
         self.on_durable = on_durable
         self.retry_seconds = retry_seconds
@@ -163,10 +167,13 @@ class Uploader:
     # ---- the sender ------------------------------------------------------------
 
     def _requests(self, generation: int):
-        """The frames of one call; stops when the call is superseded or all is sent."""
+        """The frames of one call; stops when the call is superseded, idle or all is sent."""
         while True:
             with self._cv:
+                idle_since = time.monotonic()
                 while not self._pending and not self._closing and self._generation == generation:
+                    if time.monotonic() - idle_since > IDLE_STREAM_SECONDS:
+                        return  # the server acknowledges what it has and the call ends
                     self._cv.wait(0.5)
                 if self._generation != generation or (self._closing and not self._pending):
                     return
@@ -187,26 +194,33 @@ class Uploader:
         with self._cv:
             return self._closing and not self._pending and not self._inflight
 
+    def _wait_for_work(self) -> None:
+        with self._cv:
+            while not self._pending and not self._closing and self._error is None:
+                self._cv.wait(0.5)
+
     def _run(self) -> None:
-        delay = 0.2
-        last_progress = time.monotonic()
+        backoff = Backoff(self.retry_seconds)
         while True:
+            self._wait_for_work()
             with self._cv:
                 if self._error is not None:
                     return
                 self._generation += 1
                 generation = self._generation
             acked = stored = dropped = stored_bytes = 0
+            session = self.sessions.current
             try:
-                call, acks = self.conn.upload_frames(self.session_id, self._requests(generation))
+                call, acks = self.conn.upload_frames(
+                    session.upload_metadata(), self._requests(generation)
+                )
                 self._call = call
                 for raw in acks:
-                    frames, n_stored, n_dropped, n_bytes = ACK.unpack(raw)
+                    frames, n_stored, n_dropped, n_bytes = UPLOAD_ACK.unpack(raw)
                     if frames > acked:
                         self._acknowledge(frames - acked)
                         acked = frames
-                        last_progress = time.monotonic()
-                        delay = 0.2
+                        backoff.progressed()
                     self.stats.objects_stored += n_stored - stored
                     self.stats.objects_dropped += n_dropped - dropped
                     self.stats.bytes_stored += n_bytes - stored_bytes
@@ -218,21 +232,20 @@ class Uploader:
                         return
                 if self._inflight:
                     raise ServerUnavailableError("the upload stream ended before every frame")
-            except (ServerUnavailableError, NotFoundError) as exc:
+            except TRANSIENT as exc:
                 with self._cv:
                     if self._error is not None:
                         return
-                if time.monotonic() - last_progress > self.retry_seconds:
+                if backoff.expired():
                     self._fail(exc)
                     return
                 self._requeue()
                 self.stats.retries += 1
-                self.warn(f"{exc}; retrying in {delay:.1f} s")
-                time.sleep(delay)
-                delay = min(delay * 2, 5.0)
-                if isinstance(exc, NotFoundError):
+                self.warn(f"{exc}; retrying in {backoff.delay:.1f} s")
+                backoff.wait()
+                if isinstance(exc, NotFoundError):  # the server forgot the session
                     try:
-                        self.session_id = self.conn.begin_session()
+                        self.sessions.renew(session)
                         self.stats.new_sessions += 1
                     except ServerUnavailableError:
                         pass  # retried on the next round

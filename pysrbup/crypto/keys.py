@@ -7,8 +7,11 @@ without one use weakening another:
     chunk-id MAC key   keyed BLAKE3 over plaintext chunks (dedup ids)
     gear seed          the chunker's gear table (boundaries do not fingerprint)
     wrap key           AES-256-GCM key that wraps per-session data keys
-    auth key           Ed25519 seed; the server stores the public half and
-                       demands signatures for destructive requests
+    write key          Ed25519 seed of the write capability: begins backup sessions
+    destroy key        Ed25519 seed of the destroy capability: deletes, condemns
+
+The server holds the public halves of the two capability keys (fixed by
+``pysrbup-client init``) and demands signatures over fresh challenges.
 
 Key file format (text, mode 0600):
 
@@ -39,6 +42,13 @@ def _derive(master: bytes, label: str) -> bytes:
     return HKDF(
         algorithm=hashes.SHA256(), length=32, salt=None, info=b"pysrbup " + label.encode()
     ).derive(master)
+
+
+def public_bytes(private: Ed25519PrivateKey) -> bytes:
+    """The raw 32-byte public half of an Ed25519 key."""
+    return private.public_key().public_bytes(
+        serialization.Encoding.Raw, serialization.PublicFormat.Raw
+    )
 
 
 @dataclass(frozen=True)
@@ -72,16 +82,24 @@ class MasterKey:
         return _derive(self.secret, "key wrap")
 
     @cached_property
-    def auth_key(self) -> Ed25519PrivateKey:
-        """Ed25519 key proving knowledge of the master key to the server."""
+    def write_key(self) -> Ed25519PrivateKey:
+        """The write capability: signs the opening of backup sessions."""
+        return Ed25519PrivateKey.from_private_bytes(_derive(self.secret, "write ed25519"))
+
+    @cached_property
+    def write_public_key(self) -> bytes:
+        """Raw 32-byte public half of ``write_key``."""
+        return public_bytes(self.write_key)
+
+    @cached_property
+    def destroy_key(self) -> Ed25519PrivateKey:
+        """The destroy capability: signs deletes and condemnations."""
         return Ed25519PrivateKey.from_private_bytes(_derive(self.secret, "auth ed25519"))
 
     @cached_property
-    def auth_public_key(self) -> bytes:
-        """Raw 32-byte public half of ``auth_key``."""
-        return self.auth_key.public_key().public_bytes(
-            serialization.Encoding.Raw, serialization.PublicFormat.Raw
-        )
+    def destroy_public_key(self) -> bytes:
+        """Raw 32-byte public half of ``destroy_key``."""
+        return public_bytes(self.destroy_key)
 
     def dumps(self) -> str:
         """The key file's text."""

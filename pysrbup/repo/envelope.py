@@ -33,11 +33,10 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from pysrbup.errors import IntegrityError, WrongKeyError
+from pysrbup.repo.wire import KEY_ID_SIZE
 
 VERSION = 1
 FLAG_ZSTD = 0x01
-ID_SIZE = 32
-KEY_ID_SIZE = 16
 NONCE_SIZE = 12
 TAG_SIZE = 16
 HEADER_SIZE = 2 + KEY_ID_SIZE + NONCE_SIZE

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from pysrbup.errors import IntegrityError
 from pysrbup.proto import repo_pb2
-from pysrbup.repo.envelope import ID_SIZE, Opener, Sealer
+from pysrbup.repo.envelope import Opener, Sealer
+from pysrbup.repo.wire import ID_SIZE
 
 SNAPSHOT_FORMAT = 1
 

@@ -13,8 +13,8 @@ import struct
 
 from pysrbup.errors import IntegrityError
 from pysrbup.proto import repo_pb2
-
-ID_SIZE = 32
+from pysrbup.repo.wire import ID_SIZE
+from pysrbup.textsafe import printable
 
 
 def serialize(nodes: list[repo_pb2.Node]) -> bytes:
@@ -24,12 +24,26 @@ def serialize(nodes: list[repo_pb2.Node]) -> bytes:
 
 
 def parse(data: bytes, where: str) -> repo_pb2.Tree:
-    """Parses a verified tree object; IntegrityError if it is not one."""
+    """Parses the verified tree object of directory ``where`` and checks its names.
+
+    IntegrityError naming the directory if it is not a tree, or if a name is
+    empty, ``.``, ``..``, holds ``/`` or NUL, or appears twice: no reader
+    (restore, check, garbage collection) ever acts on such a tree.
+    """
+    shown = printable(where)
     tree = repo_pb2.Tree()
     try:
         tree.ParseFromString(data)
     except Exception as exc:  # protobuf raises DecodeError and friends
-        raise IntegrityError(f"{where}: not a directory tree ({exc})") from None
+        raise IntegrityError(f"{shown}: not a directory tree ({exc})") from None
+    seen: set[bytes] = set()
+    for node in tree.nodes:
+        name = node.name
+        if not name or name in (b".", b"..") or b"/" in name or b"\0" in name:
+            raise IntegrityError(f"{shown}: invalid file name {name!r} in backup")
+        if name in seen:
+            raise IntegrityError(f"{shown}: file name {name!r} appears twice in backup")
+        seen.add(name)
     return tree
 
 

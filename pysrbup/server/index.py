@@ -19,10 +19,8 @@ import threading
 from collections.abc import Iterable
 
 from pysrbup.errors import RepositoryError
+from pysrbup.repo.wire import OP_ADD, OP_CONDEMN
 from pysrbup.server.packs import RECORD, Entry
-
-OP_ADD = 0
-OP_CONDEMN = 1
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS packs (
@@ -185,11 +183,6 @@ class Index:
 
         return self._transaction(work)
 
-    def contains(self, oid: bytes) -> bool:
-        with self._lock:
-            row = self._db.execute("SELECT 1 FROM objects WHERE id=?", (oid,)).fetchone()
-        return row is not None
-
     def present_reviving(self, oid: bytes) -> bool:
         """True if ``oid`` is stored; a condemned copy is revived (someone relies on it)."""
         with self._lock:
@@ -213,13 +206,20 @@ class Index:
                     found[bytes(oid)] = (int(pack), int(offset), int(length))
         return found
 
-    def log_after(self, seq: int, limit: int) -> list[tuple[int, bytes, int]]:
-        """Up to ``limit`` (seq, id, op) entries of the id log after ``seq``."""
+    def log_after(self, seq: int, limit: int, until: int) -> list[tuple[int, bytes, int]]:
+        """Up to ``limit`` (seq, id, op) entries of the id log after ``seq``, up to ``until``."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT seq, id, op FROM idlog WHERE seq > ? ORDER BY seq LIMIT ?", (seq, limit)
+                "SELECT seq, id, op FROM idlog WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?",
+                (seq, until, limit),
             ).fetchall()
         return [(int(s), bytes(i), int(o)) for s, i, o in rows]
+
+    def last_seq(self) -> int:
+        """The sequence number of the newest id-log entry (0 for an empty log)."""
+        with self._lock:
+            row = self._db.execute("SELECT MAX(seq) FROM idlog").fetchone()
+        return int(row[0] or 0)
 
     def condemned_after(self, seq: int) -> bool:
         """Whether anything was condemned after log position ``seq``."""

@@ -32,7 +32,6 @@ MAGIC = b"PSRBPACK"
 TRAILER_MAGIC = b"PSRBFOOT"
 VERSION = 1
 PACK_ID_SIZE = 16
-ID_SIZE = 32
 HEADER = struct.Struct("<8sI16s")
 RECORD = struct.Struct("<32sIQ")
 ENTRY = struct.Struct("<32sQI")

@@ -7,18 +7,21 @@ from concurrent import futures
 import grpc
 
 from pysrbup.proto import service_pb2_grpc
+from pysrbup.repo import wire
 from pysrbup.server.servicer import BackupServicer
 from pysrbup.server.storage import Repository
-
-#: Frames carry up to a few MiB of objects; trees of huge directories can be larger.
-MAX_MESSAGE_BYTES = 80 * 1024 * 1024
-
-#: Methods that carry bulk data as raw bytes frames (see BackupServicer.UploadRaw).
-RAW_SERVICE = "pysrbup.proto.BackupRaw"
+from pysrbup.server.tls import ServerCertificate
 
 GRPC_OPTIONS = [
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", wire.MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", wire.MAX_MESSAGE_BYTES),
+    # Clients ping idle connections (keepalive) so a dead server is noticed: allow it.
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.max_ping_strikes", 0),
+    # Detect dead clients too, so their streams do not hold workers.
+    ("grpc.keepalive_time_ms", 60_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
 ]
 
 
@@ -29,11 +32,28 @@ def _tune_malloc() -> None:
     tune_malloc()
 
 
-def serve(repo: Repository, bind_to: str, num_threads: int) -> tuple[grpc.Server, int]:
-    """Starts a threaded server for ``repo`` on ``bind_to``; returns it and its port."""
+def serve(
+    repo: Repository,
+    bind_to: str,
+    num_threads: int,
+    *,
+    certificate: ServerCertificate | None = None,
+    plaintext: bool = False,
+) -> tuple[grpc.Server, int]:
+    """Starts a threaded server for ``repo`` on ``bind_to``; returns it and its port.
+
+    TLS with ``certificate``, by default the repository's own (``tls.load_or_create``);
+    ``plaintext`` serves without TLS.
+    """
+    if not plaintext and certificate is None:
+        from pysrbup.server.tls import load_or_create
+
+        certificate = load_or_create(repo.root)
     _tune_malloc()
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=max(2, num_threads * 2)),
+        # Streams hold a worker each for as long as they are open: enough workers
+        # that a few slow or idle clients cannot starve everyone else.
+        futures.ThreadPoolExecutor(max_workers=max(16, num_threads * 8)),
         options=[*GRPC_OPTIONS, ("grpc.so_reuseport", 0)],
         maximum_concurrent_rpcs=None,
     )
@@ -41,14 +61,17 @@ def serve(repo: Repository, bind_to: str, num_threads: int) -> tuple[grpc.Server
     service_pb2_grpc.add_BackupServicer_to_server(servicer, server)
     # Bulk data as raw bytes: no (de)serializers, so no protobuf copy per frame.
     raw = grpc.method_handlers_generic_handler(
-        RAW_SERVICE,
+        wire.RAW_SERVICE,
         {
-            "Upload": grpc.stream_stream_rpc_method_handler(servicer.UploadRaw),
-            "Fetch": grpc.unary_stream_rpc_method_handler(servicer.FetchRaw),
+            wire.UPLOAD_METHOD: grpc.stream_stream_rpc_method_handler(servicer.UploadRaw),
+            wire.FETCH_METHOD: grpc.unary_stream_rpc_method_handler(servicer.FetchRaw),
         },
     )
     server.add_generic_rpc_handlers((raw,))
-    port = server.add_insecure_port(bind_to)
+    if plaintext:
+        port = server.add_insecure_port(bind_to)
+    else:
+        port = server.add_secure_port(bind_to, certificate.credentials())
     if port == 0:
         raise OSError(f"cannot listen on {bind_to}")
     server.start()

@@ -1,11 +1,15 @@
-"""The gRPC servicer: decodes requests, calls the repository, encodes replies."""
+"""The gRPC servicer: decodes requests, calls the repository, encodes replies.
+
+It also enforces what the wire allows before anything reaches storage: the
+session proof of every session request, id list sizes, and integers within
+SQLite's range.
+"""
 
 from __future__ import annotations
 
 import functools
 import logging
 import queue
-import struct
 import threading
 
 import grpc
@@ -13,21 +17,19 @@ import grpc
 from pysrbup import errors
 from pysrbup._native import framing
 from pysrbup.proto import service_pb2, service_pb2_grpc
-from pysrbup.server.storage import Repository
+from pysrbup.repo import auth, wire
+from pysrbup.server.storage import Repository, Session
 
 log = logging.getLogger("pysrbup.server")
 
-ID_SIZE = 32
 SYNC_BATCH = 32768
 FETCH_FRAME_BYTES = 8 * 1024 * 1024
-MAX_FETCH_IDS = 65536
-#: UploadRaw reply: frames of the call now durable, objects stored, dropped, bytes stored.
-UPLOAD_ACK = struct.Struct("<QQQQ")
 #: UploadRaw makes received data durable (fsync + index commit) at least this often.
 UPLOAD_SYNC_BYTES = 16 * 1024 * 1024
 #: Frames received ahead of the pack writer (network receive overlaps writing and fsync).
 UPLOAD_INBOX = 4
-UPLOAD_SESSION_KEY = "pysrbup-session"
+#: An upload stream that sends nothing for this long is ended (clients close idle streams).
+UPLOAD_IDLE_SECONDS = 120.0
 
 _STATUS = {
     errors.NotFoundError: grpc.StatusCode.NOT_FOUND,
@@ -77,10 +79,21 @@ def _guarded_stream(method):
 
 
 def split_ids(blob: bytes) -> list[bytes]:
-    """Splits concatenated 32-byte ids."""
-    if len(blob) % ID_SIZE:
-        raise errors.UsageError("id list length is not a multiple of 32")
-    return [blob[i : i + ID_SIZE] for i in range(0, len(blob), ID_SIZE)]
+    """Splits a request's concatenated ids, refusing malformed or oversized lists."""
+    try:
+        oids = wire.split_ids(blob)
+    except ValueError as exc:
+        raise errors.UsageError(str(exc)) from None
+    if len(oids) > wire.MAX_IDS_PER_REQUEST:
+        raise errors.UsageError(f"at most {wire.MAX_IDS_PER_REQUEST} ids per request")
+    return oids
+
+
+def u63(value: int, what: str) -> int:
+    """``value`` if it fits SQLite's signed 64-bit integers; UsageError otherwise."""
+    if not 0 <= value <= wire.MAX_U63:
+        raise errors.UsageError(f"{what} is out of range")
+    return value
 
 
 class BackupServicer(service_pb2_grpc.BackupServicer):
@@ -89,27 +102,41 @@ class BackupServicer(service_pb2_grpc.BackupServicer):
     def __init__(self, repo: Repository):
         self.repo = repo
 
+    def _session(self, proof: service_pb2.SessionProof, op: str, body: bytes) -> Session:
+        return self.repo.session(
+            proof.session_id, u63(proof.seq, "proof seq"), proof.signature, op, body
+        )
+
     @_guarded
     def GetInfo(self, request, context):
         return service_pb2.InfoReply(
             repo_id=self.repo.repo_id,
             format_version=1,
-            auth_public_key=self.repo.auth_public_key,
+            write_public_key=self.repo.write_public_key,
+            destroy_public_key=self.repo.destroy_public_key,
             append_only=self.repo.append_only,
             id_log_epoch=self.repo.index.epoch,
             snapshot_generation=self.repo.generation,
+            id_log_last_seq=self.repo.index.last_seq(),
         )
 
     @_guarded
-    def RegisterKey(self, request, context):
-        key = self.repo.register_key(request.auth_public_key)
-        return service_pb2.RegisterKeyReply(auth_public_key=key)
+    def InitRepository(self, request, context):
+        self.repo.initialise(
+            request.token,
+            request.write_public_key,
+            request.destroy_public_key,
+            request.write_signature,
+            request.destroy_signature,
+        )
+        return service_pb2.InitReply()
 
     @_guarded_stream
     def SyncIds(self, request, context):
-        after = request.after_seq
+        after = u63(request.after_seq, "after_seq")
+        until = u63(request.until_seq, "until_seq") or wire.MAX_U63
         while True:
-            rows = self.repo.index.log_after(after, SYNC_BATCH)
+            rows = self.repo.index.log_after(after, SYNC_BATCH, until)
             if not rows:
                 return
             after = rows[-1][0]
@@ -120,50 +147,47 @@ class BackupServicer(service_pb2_grpc.BackupServicer):
             )
 
     @_guarded
-    def BeginSession(self, request, context):
-        return service_pb2.BeginSessionReply(session_id=self.repo.begin_session())
+    def HasObjects(self, request, context):
+        return service_pb2.HasObjectsReply(present=self.repo.has_objects(split_ids(request.ids)))
 
-    def Upload(self, request_iterator, context):
-        session_id = ""
-        stored = dropped = stored_bytes = 0
-        try:
-            for message in request_iterator:
-                if message.session_id:
-                    session_id = message.session_id
-                if not session_id:
-                    raise errors.UsageError("upload without a session")
-                records = framing.unpack_records(message.frame)
-                counts = self.repo.append(session_id, records)
-                stored += counts.stored
-                dropped += counts.dropped
-                stored_bytes += counts.bytes_stored
-            if session_id:
-                self.repo.sync(session_id)
-        except (errors.PysrbupError, framing.FrameError) as exc:
-            if session_id:
-                self.repo.rollback(session_id)
-            _abort(context, exc)
-        except Exception:
-            # The client went away mid-stream: nothing unacknowledged is kept.
-            if session_id:
-                self.repo.rollback(session_id)
-            raise
-        return service_pb2.UploadReply(
-            objects_stored=stored, objects_dropped=dropped, bytes_stored=stored_bytes
+    @_guarded
+    def GetChallenge(self, request, context):
+        return service_pb2.ChallengeReply(challenge=self.repo.new_challenge())
+
+    @_guarded
+    def BeginSession(self, request, context):
+        session_id = self.repo.begin_session(
+            request.challenge, request.session_public_key, request.signature
         )
+        return service_pb2.BeginSessionReply(session_id=session_id)
 
     def UploadRaw(self, request_iterator, context):
-        """Raw-bytes upload stream: each request is one frame, each reply an ``UPLOAD_ACK``.
+        """Raw-bytes upload stream: each request is one frame, each reply a ``wire.UPLOAD_ACK``.
 
-        A receiver thread reads frames ahead while this one appends them to the
-        session's pack; every ``UPLOAD_SYNC_BYTES`` (or when the client pauses)
-        the session is synced and the frames so far acknowledged, so durability
-        never stops the stream and an interrupted client re-sends only what was
-        not acknowledged. Whatever was not synced is rolled back on failure.
+        The stream's metadata carries a session proof; the stream then becomes
+        the session's only writer (a newer stream supersedes it). A receiver
+        thread reads frames ahead while this one appends them to the session's
+        pack; every ``UPLOAD_SYNC_BYTES`` (or when the client pauses) the
+        session is synced and the frames so far acknowledged, so durability
+        never stops the stream and an interrupted client re-sends only what
+        was not acknowledged. On failure only this stream's unsynced records
+        are rolled back.
         """
-        session_id = dict(context.invocation_metadata()).get(UPLOAD_SESSION_KEY, "")
-        if not session_id:
-            _abort(context, errors.UsageError("upload without a session"))
+        meta = dict(context.invocation_metadata())
+        try:
+            seq = int(meta.get(wire.SESSION_SEQ_KEY, "-1"))
+            proof = service_pb2.SessionProof(
+                session_id=str(meta.get(wire.SESSION_KEY, "")),
+                seq=u63(seq, "proof seq"),
+                signature=bytes(meta.get(wire.SESSION_PROOF_KEY, b"")),
+            )
+            session = self._session(proof, auth.OP_UPLOAD, b"")
+            stream = self.repo.open_stream(session)
+        except (ValueError, errors.PysrbupError) as exc:
+            if not isinstance(exc, errors.PysrbupError):
+                exc = errors.UsageError("malformed session proof")
+            _abort(context, exc)
+            return
         inbox: queue.Queue = queue.Queue(maxsize=UPLOAD_INBOX)
         stop = threading.Event()
 
@@ -187,35 +211,41 @@ class BackupServicer(service_pb2_grpc.BackupServicer):
         clean = False
         try:
             while True:
-                item = inbox.get()
+                try:
+                    item = inbox.get(timeout=UPLOAD_IDLE_SECONDS)
+                except queue.Empty:
+                    raise errors.ConflictError("the upload stream was idle for too long") from None
                 if isinstance(item, Exception):
                     raise item
                 if item is not None:
-                    counts = self.repo.append(session_id, framing.unpack_records(item))
+                    counts = self.repo.append(session, stream, framing.unpack_records(item))
                     frames += 1
                     unsynced += len(item)
                     stored += counts.stored
                     dropped += counts.dropped
                     stored_bytes += counts.bytes_stored
                 if item is None or unsynced >= UPLOAD_SYNC_BYTES or (unsynced and inbox.empty()):
-                    self.repo.sync(session_id)
+                    self.repo.sync(session, stream)
                     unsynced = 0
-                    yield UPLOAD_ACK.pack(frames, stored, dropped, stored_bytes)
+                    yield wire.UPLOAD_ACK.pack(frames, stored, dropped, stored_bytes)
                 if item is None:
                     clean = True
                     return
         except (errors.PysrbupError, framing.FrameError) as exc:
-            self.repo.rollback(session_id)
+            self.repo.rollback(session, stream)
             clean = True
             _abort(context, exc)
         finally:
             stop.set()
             if not clean:  # client gone mid-stream: nothing unacknowledged is kept
-                self.repo.rollback(session_id)
+                self.repo.rollback(session, stream)
 
     @_guarded
     def PutSessionKey(self, request, context):
-        self.repo.put_session_key(request.key_id, request.wrapped)
+        session = self._session(
+            request.proof, auth.OP_PUT_KEY, auth.put_key_body(request.key_id, request.wrapped)
+        )
+        self.repo.put_session_key(session, request.key_id, request.wrapped)
         return service_pb2.PutSessionKeyReply()
 
     @_guarded_stream
@@ -225,27 +255,37 @@ class BackupServicer(service_pb2_grpc.BackupServicer):
 
     @_guarded
     def CommitSnapshot(self, request, context):
+        checked = u63(request.checked_seq, "checked_seq")
+        body = auth.commit_body(request.snapshot_id, request.record, checked)
+        try:
+            session = self._session(request.proof, auth.OP_COMMIT, body)
+        except errors.NotFoundError:
+            # A retried commit whose reply was lost finds its session ended: the
+            # record it stored is the answer (nothing is written or ended here).
+            if request.record and self.repo.committed_record(request.snapshot_id) == request.record:
+                return service_pb2.CommitSnapshotReply(snapshot_id=request.snapshot_id)
+            raise
         snapshot_id = self.repo.commit_snapshot(
-            request.session_id, request.snapshot_id, request.record, request.checked_seq
+            session, request.snapshot_id, request.record, checked
         )
         return service_pb2.CommitSnapshotReply(snapshot_id=snapshot_id)
 
     @_guarded
     def EndSession(self, request, context):
-        self.repo.end_session(request.session_id)
+        self.repo.end_session(self._session(request.proof, auth.OP_END, b""))
         return service_pb2.EndSessionReply()
 
     @_guarded_stream
     def ListSnapshots(self, request, context):
         yield from self.repo.snapshots()
 
-    def _fetch_frames(self, ids: bytes):
-        oids = split_ids(ids)
-        if len(oids) > MAX_FETCH_IDS:
-            raise errors.UsageError(f"at most {MAX_FETCH_IDS} ids per fetch")
+    @_guarded_stream
+    def FetchRaw(self, request, context):
+        """Fetch over the raw-bytes method: the request is the concatenated ids,
+        each reply one frame whose records carry a ``wire.FETCH_*`` status."""
         batch: list = []
         size = 0
-        for record in self.repo.fetch(oids):
+        for record in self.repo.fetch(split_ids(request)):
             batch.append(record)
             size += len(record[2]) + framing.RECORD_OVERHEAD
             if size >= FETCH_FRAME_BYTES:
@@ -253,21 +293,6 @@ class BackupServicer(service_pb2_grpc.BackupServicer):
                 batch, size = [], 0
         if batch:
             yield bytes(framing.pack_records(batch))
-
-    @_guarded_stream
-    def Fetch(self, request, context):
-        for frame in self._fetch_frames(request.ids):
-            yield service_pb2.FetchFrame(frame=frame)
-
-    @_guarded_stream
-    def FetchRaw(self, request, context):
-        """Fetch over the raw-bytes method: the request is the concatenated ids,
-        each reply one frame (no protobuf around bulk data)."""
-        yield from self._fetch_frames(request)
-
-    @_guarded
-    def GetChallenge(self, request, context):
-        return service_pb2.ChallengeReply(challenge=self.repo.new_challenge())
 
     @_guarded
     def DeleteSnapshot(self, request, context):
@@ -279,14 +304,12 @@ class BackupServicer(service_pb2_grpc.BackupServicer):
     @_guarded
     def Condemn(self, request, context):
         count, freed, pending = self.repo.condemn(
-            split_ids(request.ids),
-            request.snapshot_generation,
-            request.challenge,
-            request.signature,
+            split_ids(request.ids), request.snapshot_set, request.challenge, request.signature
         )
         return service_pb2.CondemnReply(condemned=count, bytes_freed=freed, bytes_pending=pending)
 
     @_guarded
     def Revive(self, request, context):
-        missing = self.repo.revive(request.session_id, split_ids(request.ids))
+        session = self._session(request.proof, auth.OP_REVIVE, auth.ids_body(request.ids))
+        missing = self.repo.revive(session, split_ids(request.ids))
         return service_pb2.ReviveReply(missing=b"".join(missing))

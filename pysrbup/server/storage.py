@@ -3,7 +3,9 @@
 Everything here works on ciphertext only; the server holds no key. Layout of
 ``<backups_dir>``::
 
-    config              JSON: format, version, repo id, registered auth key
+    config              JSON: format, version, repo id, write and destroy public keys
+    init-token          the one-time secret that lets the owner initialise (mode 0600;
+                        removed by ``pysrbup-client init``)
     lock                flock'ed by the one server using the directory
     index.sqlite        object id -> (pack, offset, length); the id log
     packs/ab/<id>.pack  append-only pack files (see packs.py)
@@ -20,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hmac
 import json
 import logging
 import os
@@ -30,9 +33,6 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
 from pysrbup.errors import (
     ConflictError,
     NotFoundError,
@@ -42,17 +42,20 @@ from pysrbup.errors import (
     UsageError,
 )
 from pysrbup.proto import service_pb2
-from pysrbup.repo.auth import condemn_message, delete_message
+from pysrbup.repo import auth, wire
 from pysrbup.server import ecc, packs
 from pysrbup.server.index import Index
 
 FORMAT = "pysrbup-repo"
 FORMAT_VERSION = 1
 SNAPSHOT_ID = re.compile(r"^[0-9a-f]{16}$")
-KEY_ID_SIZE = 16
-MAX_WRAPPED_KEY = 256
-MAX_SNAPSHOT_RECORD = 1024 * 1024
+INIT_TOKEN = "init-token"
+#: A session not used for this long is ended (a dead client must not hold sweeps back).
 SESSION_IDLE_SECONDS = 3600
+#: Open sessions at once (each is a key holder's backup; more is a runaway client).
+MAX_SESSIONS = 256
+#: Outstanding challenges; the oldest is forgotten beyond this (anyone may ask for one).
+MAX_CHALLENGES = 4096
 #: A sealed pack is rewritten once this fraction of it is garbage.
 COMPACT_DEAD_FRACTION = 0.05
 GENERATION = "snapshot_generation"
@@ -84,7 +87,12 @@ class Session:
 
     session_id: str
     number: int = 0
+    public_key: bytes = b""
     lock: threading.Lock = field(default_factory=threading.Lock)
+    #: Sequence numbers of the session proofs already used (each is accepted once).
+    used_seqs: set[int] = field(default_factory=set)
+    #: The one upload stream allowed to write; a newer stream supersedes it.
+    stream: int = 0
     writer: packs.PackWriter | None = None
     pack: int = 0
     writer_ids: set[bytes] = field(default_factory=set)
@@ -157,6 +165,8 @@ class Repository:
         self._config_lock = threading.Lock()
         try:
             self.config = self._load_config()
+            if not self.initialised and not os.path.exists(self.init_token_path):
+                self._write_init_token()  # e.g. removed by hand before anyone initialised
             index_path = os.path.join(self.root, "index.sqlite")
             if not os.path.exists(index_path) and _has_packs(self.root):
                 raise RepositoryError(
@@ -200,8 +210,10 @@ class Repository:
                 "version": FORMAT_VERSION,
                 "repo_id": os.urandom(16).hex(),
                 "created": time.time(),
-                "auth_public_key": None,
+                "write_public_key": None,
+                "destroy_public_key": None,
             }
+            self._write_init_token()
             write_atomic(path, json.dumps(config, indent=2).encode())
             return config
         try:
@@ -220,23 +232,75 @@ class Repository:
     def repo_id(self) -> bytes:
         return bytes.fromhex(self.config["repo_id"])
 
-    @property
-    def auth_public_key(self) -> bytes:
-        value = self.config.get("auth_public_key")
+    def _public_key(self, name: str) -> bytes:
+        value = self.config.get(name)
         return bytes.fromhex(value) if value else b""
 
-    def register_key(self, public_key: bytes) -> bytes:
-        """Registers the key-derived Ed25519 public key once; returns the registered one."""
-        if len(public_key) != 32:
-            raise UsageError("an auth public key is 32 bytes")
+    @property
+    def write_public_key(self) -> bytes:
+        return self._public_key("write_public_key")
+
+    @property
+    def destroy_public_key(self) -> bytes:
+        return self._public_key("destroy_public_key")
+
+    @property
+    def initialised(self) -> bool:
+        return bool(self.write_public_key and self.destroy_public_key)
+
+    @property
+    def init_token_path(self) -> str:
+        return os.path.join(self.root, INIT_TOKEN)
+
+    def _write_init_token(self) -> None:
+        token = os.urandom(24).hex()
+        fd = os.open(self.init_token_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(token + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def init_token(self) -> str:
+        """The one-time init token ("" once the repository is initialised)."""
+        if self.initialised:
+            return ""
+        try:
+            with open(self.init_token_path, encoding="ascii") as handle:
+                return handle.read(256).strip()
+        except (OSError, UnicodeDecodeError):
+            return ""
+
+    def initialise(
+        self,
+        token: bytes,
+        write_public: bytes,
+        destroy_public: bytes,
+        write_sig: bytes,
+        destroy_sig: bytes,
+    ) -> None:
+        """Fixes the write and destroy public keys, once, for the holder of the init token."""
+        if len(write_public) != 32 or len(destroy_public) != 32:
+            raise UsageError("a capability public key is 32 bytes")
         with self._config_lock:
-            if not self.config.get("auth_public_key"):
-                config = dict(self.config, auth_public_key=public_key.hex())
-                write_atomic(
-                    os.path.join(self.root, "config"), json.dumps(config, indent=2).encode()
+            if self.initialised:
+                raise PermissionDeniedError("the repository is already initialised")
+            expected = self.init_token()
+            if not expected or not hmac.compare_digest(token, expected.encode()):
+                raise PermissionDeniedError(
+                    f"wrong init token (it is in {self.init_token_path} on the server)"
                 )
-                self.config = config
-        return self.auth_public_key
+            message = auth.init_message(self.repo_id, token, write_public, destroy_public)
+            auth.verify(write_public, write_sig, message, "write")
+            auth.verify(destroy_public, destroy_sig, message, "destroy")
+            config = dict(
+                self.config,
+                write_public_key=write_public.hex(),
+                destroy_public_key=destroy_public.hex(),
+            )
+            write_atomic(os.path.join(self.root, "config"), json.dumps(config, indent=2).encode())
+            self.config = config
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.init_token_path)
 
     # ---- start-up and shutdown ----------------------------------------
 
@@ -246,8 +310,9 @@ class Repository:
             for name in os.listdir(folder):
                 if ".tmp." in name:
                     os.unlink(os.path.join(folder, name))
-        if os.path.exists(os.path.join(self.root, "config.tmp")):
-            os.unlink(os.path.join(self.root, "config.tmp"))
+        for name in os.listdir(self.root):
+            if name.startswith("config.tmp."):
+                os.unlink(os.path.join(self.root, name))
 
     def recover(self) -> None:
         """Seals packs left open by a crash and indexes their intact records."""
@@ -287,20 +352,55 @@ class Repository:
 
     # ---- sessions and uploads ------------------------------------------
 
-    def begin_session(self) -> str:
-        """Opens a writing session; its pack is created on the first upload."""
+    def begin_session(self, challenge: bytes, session_public: bytes, signature: bytes) -> str:
+        """Opens a writing session for a write-key holder, bound to ``session_public``.
+
+        Its pack is created on the first upload.
+        """
+        if len(session_public) != 32:
+            raise UsageError("a session public key is 32 bytes")
+        self._take_challenge(challenge)
+        auth.verify(
+            self.write_public_key,
+            signature,
+            auth.begin_message(self.repo_id, challenge, session_public),
+            "write",
+        )
         self._reap_idle_sessions()
         with self._sessions_lock:
+            if len(self._sessions) >= MAX_SESSIONS:
+                raise StorageFullError(
+                    f"too many open sessions ({MAX_SESSIONS}); try again when backups finish"
+                )
             self._session_counter += 1
-            session = Session(os.urandom(16).hex(), self._session_counter)
+            session = Session(os.urandom(16).hex(), self._session_counter, session_public)
             self._sessions[session.session_id] = session
         return session.session_id
 
-    def _session(self, session_id: str) -> Session:
+    def session(self, session_id: str, seq: int, signature: bytes, op: str, body: bytes) -> Session:
+        """The session a request names, once its session proof verifies (each seq once)."""
         with self._sessions_lock:
             session = self._sessions.get(session_id)
         if session is None:
             raise NotFoundError("unknown or expired upload session")
+        auth.verify(
+            session.public_key,
+            signature,
+            auth.session_message(self.repo_id, session_id, seq, op, body),
+            "session",
+        )
+        with session.lock:
+            if seq in session.used_seqs:
+                raise PermissionDeniedError("a session proof was replayed")
+            session.used_seqs.add(seq)
+        session.last_used = time.monotonic()
+        return session
+
+    def _live(self, session: Session) -> Session:
+        """``session`` if it is still open (a reaped or ended one is gone)."""
+        with self._sessions_lock:
+            if self._sessions.get(session.session_id) is not session:
+                raise NotFoundError("unknown or expired upload session")
         session.last_used = time.monotonic()
         return session
 
@@ -345,13 +445,30 @@ class Repository:
         session.writer = None
         session.writer_ids = set()
 
+    def open_stream(self, session: Session) -> int:
+        """Makes a new upload stream the session's only writer; returns its number.
+
+        What an earlier stream appended and did not sync is dropped first: it
+        was never acknowledged, so its client sends it again.
+        """
+        with session.lock:
+            self._live(session)
+            session.stream += 1
+            self._drop_unsynced(session)
+            return session.stream
+
+    def _writer_of(self, session: Session, stream: int) -> None:
+        if session.stream != stream:
+            raise ConflictError("a newer upload stream took over this session")
+        self._live(session)
+
     def append(
-        self, session_id: str, records: Iterable[tuple[bytes, int, memoryview]]
+        self, session: Session, stream: int, records: Iterable[tuple[bytes, int, memoryview]]
     ) -> UploadCounts:
         """Appends records (id, flags, envelope) to the session's pack; durable after ``sync``."""
-        session = self._session(session_id)
         counts = UploadCounts()
         with session.lock:
+            self._writer_of(session, stream)
             for oid, _flags, payload in records:
                 oid = bytes(oid)
                 if len(payload) > packs.MAX_OBJECT_SIZE:
@@ -369,26 +486,33 @@ class Repository:
                     self._seal_session_pack(session)
         return counts
 
-    def sync(self, session_id: str) -> None:
-        """Makes everything the session appended durable and visible."""
-        session = self._session(session_id)
+    def sync(self, session: Session, stream: int) -> None:
+        """Makes everything the stream appended durable and visible in the index."""
         with session.lock:
+            self._writer_of(session, stream)
             self._commit(session)
 
-    def rollback(self, session_id: str) -> None:
-        """Drops what the session appended since its last sync (a failed upload)."""
-        with self._sessions_lock:
-            session = self._sessions.get(session_id)
-        if session is None:
-            return
-        with session.lock:
-            if session.writer is not None:
-                session.writer.rollback()
-                session.writer_ids = {e.oid for e in session.writer.entries}
+    def rollback(self, session: Session, stream: int) -> None:
+        """Drops what ``stream`` appended since its last sync (its upload failed).
 
-    def put_session_key(self, key_id: bytes, wrapped: bytes) -> None:
-        """Stores a wrapped session key (write once)."""
-        if len(key_id) != KEY_ID_SIZE or not 0 < len(wrapped) <= MAX_WRAPPED_KEY:
+        Only the session's current writer can roll back, and only its own
+        unsynced records: a superseded stream's records were dropped when the
+        new one took over, and synced records are never taken back.
+        """
+        with session.lock:
+            if session.stream == stream:
+                self._drop_unsynced(session)
+
+    @staticmethod
+    def _drop_unsynced(session: Session) -> None:
+        if session.writer is not None:
+            session.writer.rollback()
+            session.writer_ids = {e.oid for e in session.writer.entries}
+
+    def put_session_key(self, session: Session, key_id: bytes, wrapped: bytes) -> None:
+        """Stores a wrapped session key (write once) for a live session."""
+        self._live(session)
+        if len(key_id) != wire.KEY_ID_SIZE or not 0 < len(wrapped) <= wire.MAX_WRAPPED_KEY:
             raise UsageError("malformed session key")
         path = os.path.join(self.root, "keys", key_id.hex())
         if os.path.exists(path):
@@ -401,55 +525,65 @@ class Repository:
             if ".tmp." in name:
                 continue
             with open(os.path.join(folder, name), "rb") as handle:
-                yield bytes.fromhex(name), handle.read(MAX_WRAPPED_KEY)
+                yield bytes.fromhex(name), handle.read(wire.MAX_WRAPPED_KEY)
 
-    def _forget_session(self, session_id: str) -> None:
+    def _forget_session(self, session: Session) -> None:
         with self._sessions_lock:
-            session = self._sessions.pop(session_id, None)
-        if session is not None:
-            with session.lock:
-                self._seal_session_pack(session)
-
-    def end_session(self, session_id: str) -> Session:
-        """Seals the session's pack and forgets the session."""
-        session = self._session(session_id)
+            if self._sessions.get(session.session_id) is not session:
+                return
+            del self._sessions[session.session_id]
         with session.lock:
             self._seal_session_pack(session)
-        with self._sessions_lock:
-            self._sessions.pop(session_id, None)
+
+    def end_session(self, session: Session) -> Session:
+        """Seals the session's pack and forgets the session."""
+        self._live(session)
+        self._forget_session(session)
         self.collect_garbage()
         return session
 
+    def committed_record(self, snapshot_id: str) -> bytes | None:
+        """The stored record of ``snapshot_id``, if there is one (a retried commit)."""
+        if not SNAPSHOT_ID.match(snapshot_id):
+            return None
+        try:
+            with open(self._snapshot_path(snapshot_id), "rb") as handle:
+                existing = service_pb2.SnapshotInfo()
+                existing.ParseFromString(handle.read())
+        except FileNotFoundError:
+            return None
+        return existing.record
+
     def commit_snapshot(
-        self, session_id: str, snapshot_id: str, record: bytes, checked_seq: int
+        self, session: Session, snapshot_id: str, record: bytes, checked_seq: int
     ) -> str:
         """Ends the session and stores its snapshot record durably.
 
         Refused with ConflictError if anything was condemned after the id-log
         position ``checked_seq``: the client first revives what it relies on.
+        A record under an id that was deleted is refused for good, so a
+        deleted backup cannot be replayed.
         """
         if not SNAPSHOT_ID.match(snapshot_id):
             raise UsageError("malformed snapshot id")
-        if not 0 < len(record) <= MAX_SNAPSHOT_RECORD:
+        if not 0 < len(record) <= wire.MAX_SNAPSHOT_RECORD:
             raise UsageError("malformed snapshot record")
-        path = self._snapshot_path(snapshot_id)
-        if os.path.exists(path):
-            existing = service_pb2.SnapshotInfo()
-            with open(path, "rb") as handle:
-                existing.ParseFromString(handle.read())
-            if existing.record == record:  # a retried commit whose reply was lost
-                self._forget_session(session_id)
+        if self.index.get_meta("deleted:" + snapshot_id) is not None:
+            raise PermissionDeniedError(f"backup {snapshot_id} was deleted; it cannot come back")
+        existing = self.committed_record(snapshot_id)
+        if existing is not None:
+            if existing == record:  # a retried commit whose reply was lost
+                self._forget_session(session)
                 return snapshot_id
             raise UsageError(f"snapshot {snapshot_id} already exists")
-        session = self._session(session_id)
+        self._live(session)
         with session.lock:
             self._seal_session_pack(session)
         with self._gc_lock:
             if self.index.condemned_after(checked_seq):
                 raise ConflictError("objects were condemned during the backup; sync and retry")
-            self._write_snapshot(session, snapshot_id, record, path)
-        with self._sessions_lock:
-            self._sessions.pop(session_id, None)
+            self._write_snapshot(session, snapshot_id, record, self._snapshot_path(snapshot_id))
+        self._forget_session(session)
         self.collect_garbage()
         return snapshot_id
 
@@ -468,13 +602,16 @@ class Repository:
     def _snapshot_path(self, snapshot_id: str) -> str:
         return os.path.join(self.root, "snapshots", snapshot_id)
 
+    def snapshot_ids(self) -> list[str]:
+        """The ids of every stored snapshot record."""
+        folder = os.path.join(self.root, "snapshots")
+        return sorted(name for name in os.listdir(folder) if SNAPSHOT_ID.match(name))
+
     def snapshots(self) -> list[service_pb2.SnapshotInfo]:
         """Every snapshot record, oldest first."""
         infos = []
         folder = os.path.join(self.root, "snapshots")
-        for name in os.listdir(folder):
-            if not SNAPSHOT_ID.match(name):
-                continue
+        for name in self.snapshot_ids():
             info = service_pb2.SnapshotInfo()
             with open(os.path.join(folder, name), "rb") as handle:
                 info.ParseFromString(handle.read())
@@ -483,28 +620,28 @@ class Repository:
         return infos
 
     def new_challenge(self) -> bytes:
-        """A single-use challenge for a destructive request."""
+        """A single-use challenge for BeginSession or a destructive request."""
         challenge = os.urandom(32)
         now = time.monotonic()
         with self._config_lock:
-            self._challenges = {c: t for c, t in self._challenges.items() if t > now}
+            if len(self._challenges) >= MAX_CHALLENGES:
+                self._challenges = {c: t for c, t in self._challenges.items() if t > now}
+            while len(self._challenges) >= MAX_CHALLENGES:  # insertion order: oldest first
+                del self._challenges[next(iter(self._challenges))]
             self._challenges[challenge] = now + CHALLENGE_SECONDS
         return challenge
 
-    def _check_proof(self, challenge: bytes, signature: bytes, message: bytes) -> None:
-        if self.append_only:
-            raise PermissionDeniedError("the server is append-only: deleting is refused")
+    def _take_challenge(self, challenge: bytes) -> None:
         with self._config_lock:
             expiry = self._challenges.pop(challenge, None)
         if expiry is None or expiry < time.monotonic():
             raise PermissionDeniedError("unknown, used or expired challenge")
-        public = self.auth_public_key
-        if not public:
-            raise PermissionDeniedError("no key is registered for this repository")
-        try:
-            Ed25519PublicKey.from_public_bytes(public).verify(signature, message)
-        except (InvalidSignature, ValueError):
-            raise PermissionDeniedError("the proof of key does not verify") from None
+
+    def _check_destroy(self, challenge: bytes, signature: bytes, message: bytes) -> None:
+        if self.append_only:
+            raise PermissionDeniedError("the server is append-only: deleting is refused")
+        self._take_challenge(challenge)
+        auth.verify(self.destroy_public_key, signature, message, "destroy")
 
     @property
     def generation(self) -> int:
@@ -518,8 +655,8 @@ class Repository:
         """
         if not SNAPSHOT_ID.match(snapshot_id):
             raise NotFoundError(f"no backup {snapshot_id!r}")
-        self._check_proof(
-            challenge, signature, delete_message(self.repo_id, challenge, snapshot_id)
+        self._check_destroy(
+            challenge, signature, auth.delete_message(self.repo_id, challenge, snapshot_id)
         )
         path = self._snapshot_path(snapshot_id)
         with self._gc_lock:
@@ -537,28 +674,32 @@ class Repository:
     # ---- garbage collection --------------------------------------------------
 
     def condemn(
-        self, oids: list[bytes], generation: int, challenge: bytes, signature: bytes
+        self, oids: list[bytes], snapshot_set: bytes, challenge: bytes, signature: bytes
     ) -> tuple[int, int, int]:
         """Condemns unreferenced objects; returns (count, bytes freed now, bytes pending).
 
-        Refused with ConflictError when a snapshot was committed or deleted
-        since the client listed them (its live set may be stale).
+        Refused with ConflictError when the snapshots the client computed the
+        live set from (``snapshot_set``, signed) are not the ones stored now:
+        one was committed or deleted since, or the listing it saw was not the
+        real one.
         """
         blob = b"".join(oids)
-        message = condemn_message(self.repo_id, challenge, generation, blob)
-        self._check_proof(challenge, signature, message)
+        message = auth.condemn_message(self.repo_id, challenge, snapshot_set, blob)
+        self._check_destroy(challenge, signature, message)
         with self._gc_lock:
-            if generation != self.generation:
-                raise ConflictError("snapshots changed while collecting garbage; retry")
+            if snapshot_set != auth.snapshot_set_digest(self.snapshot_ids()):
+                raise ConflictError(
+                    "the backups stored differ from the ones the client saw; list them again"
+                )
             with self._sessions_lock:
                 watermark = self._session_counter
             count, _ = self.index.condemn(oids, watermark)
         freed = self.collect_garbage(force=True)
         return count, freed, self.index.pending_condemned_bytes()
 
-    def revive(self, session_id: str, oids: list[bytes]) -> list[bytes]:
+    def revive(self, session: Session, oids: list[bytes]) -> list[bytes]:
         """Takes condemned objects a session relies on back; returns those already gone."""
-        self._session(session_id)
+        self._live(session)
         with self._gc_lock:
             return self.index.revive(oids)
 
@@ -668,7 +809,11 @@ class Repository:
         """Verifies and repairs a pack after a failed read; True if it is now whole."""
         path = os.path.join(self.root, self._pack_names.get(pack, ""))
         with self._pack_lock:
-            result = ecc.check_pack(path)
+            try:
+                result = ecc.check_pack(path)
+            except FileNotFoundError:
+                log.error("pack %s is missing: its objects are lost", path)
+                return False
         if result.blocks_repaired:
             log.warning("repaired %d damaged block(s) of %s", result.blocks_repaired, path)
         return not result.unprotected and not result.blocks_unrepairable
@@ -682,6 +827,11 @@ class Repository:
             path = os.path.join(self.root, name)
             with self._pack_lock:
                 if not os.path.exists(path):
+                    lost = [e.oid for e in self.index.pack_objects(pack)]
+                    if lost:  # deleted behind the server's back
+                        log.error("pack %s is missing: its objects are lost", path)
+                        report.packs += 1
+                        report.damaged[name] = lost
                     continue
                 result = ecc.check_pack(path)
                 entries = self.index.pack_objects(pack)
@@ -752,19 +902,28 @@ class Repository:
         with self._read_lock:
             fd = self._read_fds.get(pack)
             if fd is None:
-                if len(self._read_fds) >= 64:
-                    _, old = self._read_fds.popitem()
-                    os.close(old)
+                if len(self._read_fds) >= 64:  # forget the oldest (dicts keep insertion order)
+                    os.close(self._read_fds.pop(next(iter(self._read_fds))))
                 fd = os.open(os.path.join(self.root, self._pack_names[pack]), os.O_RDONLY)
                 self._read_fds[pack] = fd
             return fd
 
+    def has_objects(self, oids: list[bytes]) -> bytes:
+        """One byte per id: 1 if the repository stores it (its pack file exists), else 0."""
+        found = self.index.lookup_many(oids)
+        exists = {}
+        for pack, _, _ in found.values():
+            if pack not in exists:
+                name = self._pack_names.get(pack)
+                exists[pack] = bool(name) and os.path.exists(os.path.join(self.root, name))
+        return bytes(1 if oid in found and exists[found[oid][0]] else 0 for oid in oids)
+
     def fetch(self, oids: list[bytes]) -> Iterator[tuple[bytes, int, memoryview | bytes]]:
-        """Yields (id, status, envelope) in pack order; status 0 found, 1 missing, 2 damaged."""
+        """Yields (id, ``wire.FETCH_*`` status, envelope) in pack order."""
         found = self.index.lookup_many(oids)
         for oid in oids:
             if oid not in found:
-                yield oid, 1, b""
+                yield oid, wire.FETCH_MISSING, b""
         order = sorted(found.items(), key=lambda item: item[1])
         repaired: dict[int, bool] = {}
         for oid, where in order:
@@ -778,9 +937,9 @@ class Repository:
                 if repaired[where[0]]:
                     payload = self._read(oid, *where)
             if payload is None:
-                yield oid, 2, b""
+                yield oid, wire.FETCH_DAMAGED, b""
             else:
-                yield oid, 0, payload
+                yield oid, wire.FETCH_FOUND, payload
 
     def _read(self, oid: bytes, pack: int, offset: int, length: int) -> memoryview | None:
         try:

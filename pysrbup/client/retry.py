@@ -1,0 +1,70 @@
+"""Retrying what a server restart or a cut connection interrupts, within a deadline.
+
+One helper for every client retry loop (restic's ``backend/retry`` idea):
+transient failures are retried with exponential backoff until no progress
+was made for ``seconds``; anything else goes straight to the caller.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+from pysrbup.errors import NotFoundError, ServerUnavailableError
+
+T = TypeVar("T")
+
+#: How long a client keeps retrying without progress (PYSRBUP_RETRY_SECONDS).
+RETRY_SECONDS = float(os.environ.get("PYSRBUP_RETRY_SECONDS", "30"))
+TRANSIENT = (ServerUnavailableError, NotFoundError)
+
+
+class Backoff:
+    """Exponential delays from 0.2 s to 5 s, and a deadline that progress resets."""
+
+    def __init__(self, seconds: float = RETRY_SECONDS):
+        self.seconds = seconds
+        self.delay = 0.2
+        self.last_progress = time.monotonic()
+
+    def progressed(self) -> None:
+        self.delay = 0.2
+        self.last_progress = time.monotonic()
+
+    def expired(self) -> bool:
+        return time.monotonic() - self.last_progress > self.seconds
+
+    def wait(self) -> float:
+        """Sleeps the current delay and returns it; the next one is longer."""
+        delay = self.delay
+        time.sleep(delay)
+        self.delay = min(delay * 2, 5.0)
+        return delay
+
+
+def retrying(
+    attempt: Callable[[], T],
+    warn: Callable[[str], None],
+    what: str,
+    on_transient: Callable[[Exception], None] | None = None,
+    seconds: float = RETRY_SECONDS,
+) -> T:
+    """Runs ``attempt`` until it succeeds, retrying transient failures until ``seconds`` pass.
+
+    ``on_transient`` runs before each retry (e.g. to renew a forgotten session).
+    """
+    backoff = Backoff(seconds)
+    while True:
+        try:
+            return attempt()
+        except TRANSIENT as exc:
+            if backoff.expired():
+                raise
+            warn(f"{exc}; retrying {what} in {backoff.delay:.1f} s")
+            backoff.wait()
+            if on_transient is not None:
+                with contextlib.suppress(ServerUnavailableError):  # tried on the next round
+                    on_transient(exc)
