@@ -80,7 +80,7 @@ class Peer:
 
     def upload_records(self, session: WriteSession, records: list[tuple[bytes, bytes]]) -> list:
         """Uploads (id, envelope) records in one frame on ``session``."""
-        frame = bytes(framing.pack_records([(oid, 0, env) for oid, env in records]))
+        frame = framing.pack_records([(oid, 0, env) for oid, env in records])
         return self.upload(session.upload_metadata(), [frame])
 
     def fetch(self, oids: list[bytes]) -> list[tuple[bytes, int, bytes]]:

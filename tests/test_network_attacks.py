@@ -209,9 +209,9 @@ def test_a_second_stream_cannot_drop_acknowledged_records(tmp_path, client, key_
         errors: list = []
 
         def frames():
-            yield bytes(framing.pack_records([(o, 0, p) for o, p in first]))
+            yield framing.pack_records([(o, 0, p) for o, p in first])
             assert go_on.wait(30)
-            yield bytes(framing.pack_records([(o, 0, p) for o, p in second]))
+            yield framing.pack_records([(o, 0, p) for o, p in second])
 
         call = owner._upload(frames(), metadata=session.upload_metadata(), timeout=60)
 

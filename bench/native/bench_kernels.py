@@ -142,8 +142,8 @@ def _records(count: int, size: int):
 
 BIG = _records(256, 64 * 1024)  # 16 MiB of payload
 SMALL = _records(10_000, 100)  # per-record overhead dominates
-BIG_FRAME = bytes(_framing.pack_records(BIG))
-SMALL_FRAME = bytes(_framing.pack_records(SMALL))
+BIG_FRAME = _framing.pack_records(BIG)
+SMALL_FRAME = _framing.pack_records(SMALL)
 
 
 @pytest.mark.parametrize("impl", [_framing, framing_pure], ids=["native", "pure"])

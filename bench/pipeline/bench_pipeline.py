@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from compare import TextSource
 
-from pysrbup._native import chunker
+from pysrbup._native import chunker, framing
 from pysrbup.client import uploader as uploader_mod
 from pysrbup.repo import envelope
 
@@ -119,11 +119,11 @@ def test_open(throughput):
 
 
 def test_build_frames(throughput):
-    records = [(b"i" * 32, c) for c in CHUNKS]
+    records = [(b"i" * 32, 0, c) for c in CHUNKS]
 
     def run():
         for i in range(0, len(records), 4):
-            uploader_mod.build_frame(records[i : i + 4])
+            framing.pack_records(records[i : i + 4])
 
     throughput(run, len(DATA), group="pipeline stages")
 

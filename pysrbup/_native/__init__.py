@@ -16,7 +16,7 @@ from types import ModuleType
 
 #: Bumped whenever a kernel's API or output changes; every compiled extension
 #: exports the value it was built with as ``API_VERSION``.
-API_VERSION = 1
+API_VERSION = 2
 
 _PURE_ENV = "PYSRBUP_PURE_PYTHON"
 KERNELS = ("chunker", "rs", "framing")

@@ -11,7 +11,7 @@ from libc.stdint cimport uint8_t, uint64_t
 
 import numpy as np
 
-API_VERSION = 1
+API_VERSION = 2
 
 # Defaults, limits and the parameter checks are shared with the pure twin.
 from pysrbup._native.cdc_params import (  # noqa: F401 (re-exported)

@@ -8,14 +8,14 @@ memoryview slices of the input (zero copy).
 """
 
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
-from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_FromStringAndSize
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cpython.mem cimport PyMem_Calloc, PyMem_Free, PyMem_Malloc
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
 from libc.string cimport memcmp, memcpy
 
 from pysrbup._native.framing_errors import FrameError
 
-API_VERSION = 1
+API_VERSION = 2
 
 MAGIC = b"PSF1"
 HEADER_SIZE = 8
@@ -37,8 +37,6 @@ __all__ = [
     "MAX_PAYLOAD",
     "RECORD_OVERHEAD",
     "FrameError",
-    "frame_size",
-    "pack_into",
     "pack_records",
     "unpack_records",
 ]
@@ -74,20 +72,6 @@ cdef int _acquire(obj, Py_buffer* view, Py_ssize_t index, str kind) except -1:
         _byte_view(obj, f"record {index} {kind}")  # raises the matching TypeError/BufferError
         raise
     return 0
-
-
-def frame_size(payload_lengths):
-    """Returns the size in bytes of a frame holding payloads of the given lengths."""
-    total = HEADER_SIZE
-    count = 0
-    for length in payload_lengths:
-        if not 0 <= length <= MAX_PAYLOAD:
-            raise ValueError(f"payload length {length} outside [0, {MAX_PAYLOAD}]")
-        total += RECORD_OVERHEAD + length
-        count += 1
-    if count > MAX_COUNT:
-        raise ValueError(f"too many records for one frame: {count}")
-    return total
 
 
 cdef class _Batch:
@@ -163,41 +147,17 @@ cdef class _Batch:
             pos += length
 
 
-def pack_into(out, records):
-    """Writes a frame of ``records`` at the start of ``out``; returns bytes written.
-
-    See :func:`pysrbup._native.framing_pure.pack_into`.
-    """
-    cdef Py_buffer oview
-    cdef _Batch batch
-    out_view = _byte_view(out, "out")
-    if out_view.readonly:
-        raise BufferError("out must be a writable buffer")
-    batch = _Batch()
-    batch.load(records)
-    if batch.size > out_view.nbytes:
-        raise ValueError(
-            f"output buffer too small: frame needs {batch.size} bytes, has {out_view.nbytes}"
-        )
-    PyObject_GetBuffer(out_view, &oview, PyBUF_SIMPLE)
-    try:
-        with nogil:
-            batch.write(<uint8_t*>oview.buf)
-    finally:
-        PyBuffer_Release(&oview)
-    return batch.size
-
-
 def pack_records(records):
-    """Packs ``records`` into a new bytearray frame (one allocation, one copy per payload).
+    """Packs ``records`` into a new bytes frame (one allocation, one copy per payload).
 
-    See :func:`pysrbup._native.framing_pure.pack_into`.
+    See :func:`pysrbup._native.framing_pure.pack_records`. The frame is ``bytes``
+    (filled before anyone can see it), so gRPC sends it without another copy.
     """
     cdef _Batch batch = _Batch()
     cdef uint8_t* dst
     batch.load(records)
-    out = PyByteArray_FromStringAndSize(NULL, batch.size)
-    dst = <uint8_t*>PyByteArray_AS_STRING(out)
+    out = PyBytes_FromStringAndSize(NULL, batch.size)
+    dst = <uint8_t*>PyBytes_AS_STRING(out)
     with nogil:
         batch.write(dst)
     return out

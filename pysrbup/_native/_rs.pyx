@@ -150,7 +150,7 @@ cdef extern from *:
     int psr_matmul(int isa, const uint8_t* mul, const uint8_t* coef, int rows, int cols,
                    const uint8_t* const* in_, uint8_t* const* out, size_t n) noexcept nogil
 
-API_VERSION = 1
+API_VERSION = 2
 MAX_SHARDS = gf256.MAX_SHARDS
 
 __all__ = ["MAX_SHARDS", "encode", "reconstruct"]

@@ -16,9 +16,7 @@ HEADER_SIZE: int = _impl.HEADER_SIZE
 RECORD_OVERHEAD: int = _impl.RECORD_OVERHEAD
 ID_SIZE: int = _impl.ID_SIZE
 MAX_PAYLOAD: int = _impl.MAX_PAYLOAD
-frame_size = _impl.frame_size
 pack_records = _impl.pack_records
-pack_into = _impl.pack_into
 unpack_records = _impl.unpack_records
 
 __all__ = [
@@ -28,8 +26,6 @@ __all__ = [
     "MAX_PAYLOAD",
     "RECORD_OVERHEAD",
     "FrameError",
-    "frame_size",
-    "pack_into",
     "pack_records",
     "unpack_records",
 ]

@@ -54,8 +54,6 @@ __all__ = [
     "MAX_PAYLOAD",
     "RECORD_OVERHEAD",
     "FrameError",
-    "frame_size",
-    "pack_into",
     "pack_records",
     "unpack_records",
 ]
@@ -69,25 +67,6 @@ def _byte_view(obj: Any, what: str) -> memoryview:
     if not view.contiguous:
         raise BufferError(f"{what} must be a contiguous buffer")
     return view.cast("B") if view.format != "B" or view.ndim != 1 else view
-
-
-def frame_size(payload_lengths: Sequence[int]) -> int:
-    """Returns the size in bytes of a frame holding payloads of the given lengths.
-
-    Raises:
-        ValueError: A length is negative or above :data:`MAX_PAYLOAD`, or there
-            are more than 2**32 - 1 records.
-    """
-    total = HEADER_SIZE
-    count = 0
-    for length in payload_lengths:
-        if not 0 <= length <= MAX_PAYLOAD:
-            raise ValueError(f"payload length {length} outside [0, {MAX_PAYLOAD}]")
-        total += RECORD_OVERHEAD + length
-        count += 1
-    if count > MAX_COUNT:
-        raise ValueError(f"too many records for one frame: {count}")
-    return total
 
 
 def _check_records(records: Sequence[Record]) -> list[tuple[memoryview, int, memoryview]]:
@@ -114,58 +93,26 @@ def _check_records(records: Sequence[Record]) -> list[tuple[memoryview, int, mem
     return checked
 
 
-def _write(out: memoryview, checked: list[tuple[memoryview, int, memoryview]]) -> int:
-    _HEADER.pack_into(out, 0, MAGIC, len(checked))
-    pos = HEADER_SIZE
-    for id_view, flags, pay_view in checked:
-        length = pay_view.nbytes
-        out[pos : pos + ID_SIZE] = id_view
-        _FLAGS_LENGTH.pack_into(out, pos + ID_SIZE, flags, length)
-        pos += RECORD_OVERHEAD
-        out[pos : pos + length] = pay_view
-        pos += length
-    return pos
-
-
-def pack_into(out: Any, records: Sequence[Record]) -> int:
-    """Writes a frame of ``records`` at the start of the writable buffer ``out``.
+def pack_records(records: Sequence[Record]) -> bytes:
+    """Packs ``records`` into a new frame (one join: one copy per payload).
 
     Args:
-        out: A writable contiguous buffer (bytearray, memoryview, numpy array, mmap).
         records: ``(id, flags, payload)`` tuples; ``id`` is any 32-byte buffer,
             ``flags`` an int in [0, 255], ``payload`` any buffer of at most
             :data:`MAX_PAYLOAD` bytes.
 
     Returns:
-        The number of bytes written (the frame size).
+        The frame as ``bytes`` (what gRPC sends without another copy).
 
     Raises:
-        ValueError: A record is invalid, or ``out`` is too small.
+        ValueError: A record is invalid, or there are too many.
         TypeError: An id or payload is not a buffer, or flags is not an int.
-        BufferError: ``out`` is read-only or not contiguous.
-    """
-    out_view = _byte_view(out, "out")
-    if out_view.readonly:
-        raise BufferError("out must be a writable buffer")
-    checked = _check_records(records)
-    size = HEADER_SIZE + sum(RECORD_OVERHEAD + p.nbytes for _, _, p in checked)
-    if size > out_view.nbytes:
-        raise ValueError(
-            f"output buffer too small: frame needs {size} bytes, has {out_view.nbytes}"
-        )
-    return _write(out_view, checked)
-
-
-def pack_records(records: Sequence[Record]) -> bytearray:
-    """Packs ``records`` into a new frame (one allocation, one copy per payload).
-
-    See :func:`pack_into` for the record format and errors.
     """
     checked = _check_records(records)
-    size = HEADER_SIZE + sum(RECORD_OVERHEAD + p.nbytes for _, _, p in checked)
-    out = bytearray(size)
-    _write(memoryview(out), checked)
-    return out
+    parts: list[Any] = [_HEADER.pack(MAGIC, len(checked))]
+    for id_view, flags, pay_view in checked:
+        parts += (id_view, _FLAGS_LENGTH.pack(flags, pay_view.nbytes), pay_view)
+    return b"".join(parts)
 
 
 def unpack_records(

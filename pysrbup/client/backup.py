@@ -234,7 +234,7 @@ class Backup:
         return comp
 
     def _compressible(self, data) -> bool:
-        """Whether zstd is worth running: compresses four small slices first."""
+        """Whether zstd is worth running: compresses ``SAMPLE_SLICES`` small slices first."""
         size = len(data)
         if size < 4 * SAMPLE_SLICES * SAMPLE_SLICE:
             return True

@@ -1,8 +1,8 @@
 """Streams sealed objects to the server in framed batches, acknowledged as they become durable.
 
 Producers ``put`` (id, envelope) pairs from any thread. Every ``FRAME_BYTES``
-of them become one frame, built with a single copy (``bytes.join`` of the
-record headers and envelopes). One sender thread keeps a raw-bytes upload
+of them become one frame, built by the framing kernel with a single copy of
+each envelope into a ``bytes`` that gRPC sends as it is. One sender thread keeps a raw-bytes upload
 stream open (``Connection.upload_frames``, no protobuf around the frames);
 the server acknowledges frames once they are fsynced and indexed, and for each
 acknowledged frame the uploader calls ``on_durable`` with its ids, which is
@@ -21,7 +21,6 @@ progress. A stream with nothing to send for ``IDLE_STREAM_SECONDS`` is ended
 
 from __future__ import annotations
 
-import struct
 import threading
 import time
 from collections import deque
@@ -40,8 +39,6 @@ FRAME_BYTES = 4 * 1024 * 1024
 WINDOW_BYTES = 24 * 1024 * 1024
 #: A stream with nothing to send for this long is ended cleanly (see the module docstring).
 IDLE_STREAM_SECONDS = 20.0
-_FRAME_HEADER = struct.Struct("<4sI")
-_RECORD_HEADER = struct.Struct("<32sBI")
 
 
 @dataclass
@@ -60,15 +57,6 @@ class _Frame:
     data: bytes
     oids: list[bytes]
     payload_bytes: int
-
-
-def build_frame(records: list[tuple[bytes, object]]) -> bytes:
-    """One frame (see framing_pure) of (id, envelope) records with flags 0, in one copy."""
-    parts: list = [_FRAME_HEADER.pack(framing.MAGIC, len(records))]
-    for oid, envelope in records:
-        parts.append(_RECORD_HEADER.pack(oid, 0, len(envelope)))
-        parts.append(envelope)
-    return b"".join(parts)
 
 
 class Uploader:
@@ -115,8 +103,8 @@ class Uploader:
         self._enqueue(batch)
 
     def _enqueue(self, batch: list[tuple[bytes, object]]) -> None:
-        frame = _Frame(build_frame(batch), [oid for oid, _ in batch], 0)
-        frame.payload_bytes = sum(len(env) for _, env in batch)
+        data = framing.pack_records([(oid, 0, envelope) for oid, envelope in batch])
+        frame = _Frame(data, [oid for oid, _ in batch], sum(len(env) for _, env in batch))
         with self._cv:
             while self._unacked >= WINDOW_BYTES and self._error is None:
                 self._cv.wait(0.5)

@@ -30,7 +30,6 @@ several levels; ``--ecc=none`` writes no sidecar.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import re
@@ -88,8 +87,12 @@ class EccLevel:
 DEFAULT_LEVEL = EccLevel(20, 2)
 
 
+#: A pack's parity file is named like the pack with this suffix.
+SIDECAR_SUFFIX = ".ecc"
+
+
 def sidecar_path(pack_path: str) -> str:
-    return os.path.splitext(pack_path)[0] + ".ecc"
+    return os.path.splitext(pack_path)[0] + SIDECAR_SUFFIX
 
 
 def _row_len(size: int, k: int, block: int) -> int:
@@ -341,8 +344,3 @@ def _write_back(
                         offset,
                     )
             os.fsync(handle.fileno())
-
-
-def remove_sidecar(pack_path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(sidecar_path(pack_path))

@@ -99,16 +99,6 @@ class Index:
     def epoch(self) -> int:
         return int.from_bytes(self.get_meta("epoch") or b"\0", "little")
 
-    def bump_counter(self, key: str) -> int:
-        """Increments and returns a persistent counter."""
-        with self._lock:
-            value = int.from_bytes(self.get_meta(key) or b"\0", "little") + 1
-            self.set_meta(key, value.to_bytes(8, "little"))
-            return value
-
-    def counter(self, key: str) -> int:
-        return int.from_bytes(self.get_meta(key) or b"\0", "little")
-
     # ---- packs -----------------------------------------------------------
 
     def add_pack(self, name: str) -> int:

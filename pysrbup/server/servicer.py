@@ -116,7 +116,6 @@ class BackupServicer(service_pb2_grpc.BackupServicer):
             destroy_public_key=self.repo.destroy_public_key,
             append_only=self.repo.append_only,
             id_log_epoch=self.repo.index.epoch,
-            snapshot_generation=self.repo.generation,
             id_log_last_seq=self.repo.index.last_seq(),
         )
 
@@ -289,10 +288,10 @@ class BackupServicer(service_pb2_grpc.BackupServicer):
             batch.append(record)
             size += len(record[2]) + framing.RECORD_OVERHEAD
             if size >= FETCH_FRAME_BYTES:
-                yield bytes(framing.pack_records(batch))
+                yield framing.pack_records(batch)
                 batch, size = [], 0
         if batch:
-            yield bytes(framing.pack_records(batch))
+            yield framing.pack_records(batch)
 
     @_guarded
     def DeleteSnapshot(self, request, context):

@@ -58,7 +58,6 @@ MAX_SESSIONS = 256
 MAX_CHALLENGES = 4096
 #: A sealed pack is rewritten once this fraction of it is garbage.
 COMPACT_DEAD_FRACTION = 0.05
-GENERATION = "snapshot_generation"
 log = logging.getLogger("pysrbup.server")
 CHALLENGE_SECONDS = 300
 
@@ -97,7 +96,6 @@ class Session:
     pack: int = 0
     writer_ids: set[bytes] = field(default_factory=set)
     stored_bytes: int = 0
-    stored_objects: int = 0
     last_used: float = field(default_factory=time.monotonic)
 
 
@@ -305,14 +303,19 @@ class Repository:
     # ---- start-up and shutdown ----------------------------------------
 
     def _cleanup_temp_files(self) -> None:
+        """Removes what a crash left of writes that never completed (temp files only)."""
         for sub in ("snapshots", "keys"):
             folder = os.path.join(self.root, sub)
             for name in os.listdir(folder):
-                if ".tmp." in name:
+                if ".tmp." in name:  # write_atomic's temp names
                     os.unlink(os.path.join(folder, name))
         for name in os.listdir(self.root):
             if name.startswith("config.tmp."):
                 os.unlink(os.path.join(self.root, name))
+        for folder, _, files in os.walk(os.path.join(self.root, "packs")):
+            for name in files:
+                if name.endswith(ecc.SIDECAR_SUFFIX + ".tmp"):  # a parity file being written
+                    os.unlink(os.path.join(folder, name))
 
     def recover(self) -> None:
         """Seals packs left open by a crash and indexes their intact records."""
@@ -433,7 +436,6 @@ class Repository:
         if fresh:
             self.index.add_objects(session.pack, fresh)
             session.stored_bytes += sum(e.length for e in fresh)
-            session.stored_objects += len(fresh)
 
     def _seal_session_pack(self, session: Session) -> None:
         if session.writer is None:
@@ -595,7 +597,6 @@ class Repository:
             record=record,
         )
         write_atomic(path, info.SerializeToString())
-        self.index.bump_counter(GENERATION)
 
     # ---- snapshots -------------------------------------------------------
 
@@ -643,10 +644,6 @@ class Repository:
         self._take_challenge(challenge)
         auth.verify(self.destroy_public_key, signature, message, "destroy")
 
-    @property
-    def generation(self) -> int:
-        return self.index.counter(GENERATION)
-
     def delete_snapshot(self, snapshot_id: str, challenge: bytes, signature: bytes) -> bool:
         """Removes a snapshot record after checking the key holder's proof.
 
@@ -667,7 +664,6 @@ class Repository:
                     return True
                 raise NotFoundError(f"no backup {snapshot_id}") from None
             self.index.set_meta("deleted:" + snapshot_id, b"1")
-            self.index.bump_counter(GENERATION)
             packs.fsync_dir(os.path.dirname(path))
         return False
 

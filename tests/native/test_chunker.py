@@ -10,6 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from pysrbup import _native as native
 from pysrbup._native import _chunker, chunker, chunker_pure
 from pysrbup._native.gear import gear_table
 
@@ -66,7 +67,7 @@ def test_facade_exports():
     assert chunker.DEFAULT_AVG == 1024 * 1024
     assert chunker.DEFAULT_MAX == 4 * 1024 * 1024
     assert chunker.cut_points is _chunker.cut_points
-    assert _chunker.API_VERSION == 1
+    assert _chunker.API_VERSION == native.API_VERSION == 2
     for name in ("DEFAULT_MIN", "DEFAULT_AVG", "DEFAULT_MAX", "MAX_CHUNK_LIMIT"):
         assert getattr(_chunker, name) == getattr(chunker_pure, name)
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import reedsolo
 
+from pysrbup import _native as native
 from pysrbup._native import _rs, gf256, rs, rs_pure
 
 
@@ -54,7 +55,7 @@ def test_api():
     assert rs.encode is _rs.encode
     assert rs.reconstruct is _rs.reconstruct
     assert _rs.MAX_SHARDS == rs_pure.MAX_SHARDS == 255
-    assert _rs.API_VERSION == 1
+    assert _rs.API_VERSION == native.API_VERSION == 2
     assert _rs._get_isa() in ISAS
 
 
