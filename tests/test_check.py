@@ -9,7 +9,7 @@ import sqlite3
 from types import SimpleNamespace
 
 import pytest
-from conftest import assert_no_traceback
+from helpers import assert_no_traceback
 from trees import random_bytes
 
 from pysrbup.proto import repo_pb2

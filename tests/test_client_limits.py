@@ -14,7 +14,7 @@ from concurrent import futures
 
 import grpc
 import pytest
-from conftest import assert_no_traceback, free_port
+from helpers import assert_no_traceback, free_port
 
 from pysrbup.proto import service_pb2, service_pb2_grpc
 
@@ -69,7 +69,7 @@ def _env(client_env: dict) -> dict:
 
 @pytest.fixture
 def env(tmp_path):
-    from conftest import base_env
+    from helpers import base_env
 
     cache = tmp_path / "cache"
     cache.mkdir()
@@ -77,7 +77,7 @@ def env(tmp_path):
 
 
 def _run_list(address: str, env: dict):
-    from conftest import Client
+    from helpers import Client
 
     started = time.monotonic()
     proc = Client(address, env).run("list", timeout=60)

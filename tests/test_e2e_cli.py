@@ -8,7 +8,7 @@ import stat
 import subprocess
 import sys
 
-from conftest import assert_no_traceback, backup_id_in
+from helpers import assert_no_traceback, backup_id_in
 from trees import dir_size, make_full_tree, random_bytes, snapshot_tree
 
 
@@ -165,7 +165,7 @@ def test_generate_key(tmp_path, client):
 
 
 def test_unreachable_server(tmp_path, key_file, cache_dir):
-    from conftest import Client, base_env, free_port
+    from helpers import Client, base_env, free_port
 
     dead = Client(f"127.0.0.1:{free_port()}", base_env(cache_dir))
     src = tmp_path / "src"

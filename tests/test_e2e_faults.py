@@ -10,7 +10,7 @@ import time
 import grpc
 import pytest
 import xxhash
-from conftest import ServerProcess, assert_no_traceback, base_env, free_port
+from helpers import ServerProcess, assert_no_traceback, base_env, free_port
 from trees import random_bytes, snapshot_tree
 
 from pysrbup.server import packs

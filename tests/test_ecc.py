@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import assert_no_traceback, backup_id_in
+from helpers import assert_no_traceback, backup_id_in
 from trees import random_bytes, snapshot_tree
 
 from pysrbup.server import ecc, packs

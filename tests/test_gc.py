@@ -8,7 +8,7 @@ import time
 
 import grpc
 import pytest
-from conftest import (
+from helpers import (
     ServerProcess,
     assert_no_traceback,
     backup_id_in,

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 
-from conftest import ServerProcess, assert_no_traceback, base_env, free_port
+from helpers import ServerProcess, assert_no_traceback, base_env, free_port
 from trees import random_bytes, snapshot_tree
 
 from pysrbup.client.filescache import RACY_SECONDS

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from importlib import metadata
 
 import pytest
-from conftest import ROOT, assert_no_traceback, free_port
+from helpers import ROOT, assert_no_traceback, free_port
 from trees import make_full_tree, random_bytes, snapshot_tree
 
 import pysrbup

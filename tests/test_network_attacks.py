@@ -11,8 +11,8 @@ import time
 
 import grpc
 import pytest
-from conftest import assert_no_traceback
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from helpers import assert_no_traceback
 from peer import Peer
 from trees import random_bytes, snapshot_tree
 

@@ -6,7 +6,7 @@ import os
 import stat
 
 import pytest
-from conftest import assert_no_traceback
+from helpers import assert_no_traceback
 from trees import random_bytes, snapshot_tree
 
 from pysrbup.client.safefs import DirTable

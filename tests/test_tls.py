@@ -21,11 +21,11 @@ import threading
 import time
 
 import pytest
-from conftest import ServerProcess, assert_no_traceback, backup_id_in, base_env, free_port
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from helpers import ServerProcess, assert_no_traceback, backup_id_in, base_env, free_port
 from trees import random_bytes, snapshot_tree
 
 from pysrbup.client.connection import CONNECT_TIMEOUT

@@ -49,13 +49,13 @@ import zstandard
 from pysrbup._native import chunker
 from pysrbup.client.filescache import FilesCache
 from pysrbup.client.idcache import IdCache
-from pysrbup.client.memtune import tune_malloc
 from pysrbup.client.progress import Progress
 from pysrbup.client.repository import RemoteRepository
 from pysrbup.client.retry import retrying
 from pysrbup.client.session import SessionHolder
 from pysrbup.client.uploader import Uploader
 from pysrbup.errors import IntegrityError, NotFoundError, UsageError
+from pysrbup.memtune import tune_malloc
 from pysrbup.proto import repo_pb2
 from pysrbup.repo import snapshot, tree
 from pysrbup.repo.wire import ID_SIZE

@@ -30,7 +30,6 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from pysrbup.client.memtune import RESTORE_MMAP_THRESHOLD, tune_malloc
 from pysrbup.client.progress import Progress
 from pysrbup.client.repository import FETCH_IDS, RemoteRepository
 from pysrbup.client.safefs import (
@@ -42,6 +41,7 @@ from pysrbup.client.safefs import (
     DirTable,
 )
 from pysrbup.errors import IncompleteError, IntegrityError, PysrbupError, RestoreTargetError
+from pysrbup.memtune import RESTORE_MMAP_THRESHOLD, tune_malloc
 from pysrbup.proto import repo_pb2
 from pysrbup.repo import tree
 from pysrbup.textsafe import printable

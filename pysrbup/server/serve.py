@@ -6,6 +6,7 @@ from concurrent import futures
 
 import grpc
 
+from pysrbup.memtune import tune_malloc
 from pysrbup.proto import service_pb2_grpc
 from pysrbup.repo import wire
 from pysrbup.server.servicer import BackupServicer
@@ -25,13 +26,6 @@ GRPC_OPTIONS = [
 ]
 
 
-def _tune_malloc() -> None:
-    """Keeps freed multi-MiB buffers in the heap (see pysrbup/client/memtune.py)."""
-    from pysrbup.client.memtune import tune_malloc
-
-    tune_malloc()
-
-
 def serve(
     repo: Repository,
     bind_to: str,
@@ -49,7 +43,7 @@ def serve(
         from pysrbup.server.tls import load_or_create
 
         certificate = load_or_create(repo.root)
-    _tune_malloc()
+    tune_malloc()  # keeps freed multi-MiB buffers in the heap (see pysrbup/memtune.py)
     server = grpc.server(
         # Streams hold a worker each for as long as they are open: enough workers
         # that a few slow or idle clients cannot starve everyone else.
