@@ -77,3 +77,7 @@ class IncompleteError(PysrbupError):
 
 class ConflictError(PysrbupError):
     """A concurrent change got in the way; the request can be retried."""
+
+
+class ConcurrentDeleteError(PysrbupError):
+    """A concurrent delete removed data a running backup relies on; run the backup again."""

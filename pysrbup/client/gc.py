@@ -17,12 +17,12 @@ from dataclasses import dataclass
 
 from pysrbup.client.idcache import IdCache
 from pysrbup.client.repository import RemoteRepository
-from pysrbup.errors import ConflictError, IntegrityError
+from pysrbup.client.retry import until_settled
+from pysrbup.errors import IntegrityError
 from pysrbup.repo import tree
 from pysrbup.repo.wire import MAX_IDS_PER_REQUEST
 
 CONDEMN_BATCH = MAX_IDS_PER_REQUEST
-ATTEMPTS = 10
 
 
 @dataclass
@@ -70,7 +70,8 @@ def live_set(repo: RemoteRepository) -> tuple[list[str], set[bytes]]:
 
 def collect_garbage(repo: RemoteRepository) -> GcResult:
     """Condemns every object no snapshot references; returns what was freed."""
-    for _ in range(ATTEMPTS):
+
+    def attempt() -> GcResult:
         result = GcResult()
         snapshot_ids, live = live_set(repo)
         result.snapshots = len(snapshot_ids)
@@ -78,18 +79,14 @@ def collect_garbage(repo: RemoteRepository) -> GcResult:
         cache = IdCache(repo.repo_id)
         cache.sync(repo.conn)
         garbage = sorted(cache.ids - live)
-        try:
-            if not garbage:
-                reply = repo.condemn([], snapshot_ids)
-                result.bytes_freed = reply.bytes_freed
-                result.bytes_pending = reply.bytes_pending
-                return result
-            for start in range(0, len(garbage), CONDEMN_BATCH):
-                reply = repo.condemn(garbage[start : start + CONDEMN_BATCH], snapshot_ids)
-                result.condemned += reply.condemned
-                result.bytes_freed += reply.bytes_freed
-                result.bytes_pending = reply.bytes_pending
-            return result
-        except ConflictError:
-            continue
-    raise ConflictError("backups kept changing while collecting garbage; run delete again")
+        # One condemn even with no garbage: it sweeps what earlier condemns left pending.
+        for start in range(0, max(len(garbage), 1), CONDEMN_BATCH):
+            reply = repo.condemn(garbage[start : start + CONDEMN_BATCH], snapshot_ids)
+            result.condemned += reply.condemned
+            result.bytes_freed += reply.bytes_freed
+            result.bytes_pending = reply.bytes_pending
+        return result
+
+    return until_settled(
+        attempt, "backups kept changing while collecting garbage; run delete again"
+    )

@@ -10,10 +10,11 @@ from collections.abc import Callable, Iterator
 from pysrbup.client.cache import repo_cache_dir
 from pysrbup.client.connection import Connection
 from pysrbup.client.idcache import IdCache
+from pysrbup.client.retry import until_settled
 from pysrbup.client.session import WriteSession
 from pysrbup.crypto.keys import MasterKey
 from pysrbup.errors import (
-    ConflictError,
+    ConcurrentDeleteError,
     IntegrityError,
     NotFoundError,
     PermissionDeniedError,
@@ -26,7 +27,6 @@ from pysrbup.repo import auth, envelope, snapshot, wire
 
 #: Ids per fetch request (the server accepts up to wire.MAX_IDS_PER_REQUEST).
 FETCH_IDS = 1024
-COMMIT_ATTEMPTS = 10
 ENV_INIT_TOKEN = "PYSRBUP_INIT_TOKEN"
 
 
@@ -297,18 +297,18 @@ class RemoteRepository:
         The server refuses the commit if anything was condemned after the
         id-log position we checked, so the check and the commit cannot race.
         """
-        for _ in range(COMMIT_ATTEMPTS):
+
+        def attempt() -> None:
             condemned = cache.sync(self.conn)
             relied = [oid for oid in dict.fromkeys(condemned) if oid in used]
             if self._revive(session, relied):
-                raise ConflictError(
+                raise ConcurrentDeleteError(
                     "a concurrent delete removed data this backup relies on; run the backup again"
                 )
             checked = cache.last_seq
             proof = session.proof(auth.OP_COMMIT, auth.commit_body(backup_id, record, checked))
-            try:
-                self.conn.commit_snapshot(proof, backup_id, record, checked)
-                return
-            except ConflictError:
-                continue
-        raise ConflictError("the repository kept changing during the commit; run the backup again")
+            self.conn.commit_snapshot(proof, backup_id, record, checked)
+
+        until_settled(
+            attempt, "the repository kept changing during the commit; run the backup again"
+        )

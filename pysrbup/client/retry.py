@@ -1,8 +1,11 @@
 """Retrying what a server restart or a cut connection interrupts, within a deadline.
 
-One helper for every client retry loop (restic's ``backend/retry`` idea):
-transient failures are retried with exponential backoff until no progress
-was made for ``seconds``; anything else goes straight to the caller.
+Two helpers for every client retry loop (restic's ``backend/retry`` idea):
+``retrying`` retries transient failures (the server or the connection went
+away) with exponential backoff until no progress was made for ``seconds``;
+``until_settled`` reruns a step that a concurrent change made the server
+refuse (``ConflictError``), a bounded number of times. Anything else goes
+straight to the caller.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-from pysrbup.errors import NotFoundError, ServerUnavailableError
+from pysrbup.errors import ConflictError, NotFoundError, ServerUnavailableError
 
 T = TypeVar("T")
 
@@ -68,3 +71,16 @@ def retrying(
             if on_transient is not None:
                 with contextlib.suppress(ServerUnavailableError):  # tried on the next round
                     on_transient(exc)
+
+
+def until_settled(attempt: Callable[[], T], give_up: str, attempts: int = 10) -> T:
+    """Runs ``attempt`` again while the server refuses it for a concurrent change.
+
+    ``ConflictError`` after ``attempts`` tries becomes ``ConflictError(give_up)``.
+    """
+    for _ in range(attempts):
+        try:
+            return attempt()
+        except ConflictError:
+            continue
+    raise ConflictError(give_up)
