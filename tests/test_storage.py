@@ -190,3 +190,20 @@ def test_an_idle_session_stops_holding_back_sweeps(tmp_path, monkeypatch):
     with pytest.raises(NotFoundError):
         repo.sync(*stale)
     repo.close()
+
+
+def test_snapshot_files_have_their_own_format_and_damage_is_skipped(tmp_path):
+    from pysrbup.server import snapshot_store
+
+    repo = Repository(str(tmp_path / "r"))
+    writer = _begin(repo)
+    repo.commit_snapshot(writer[0], "0123456789abcdef", b"sealed record", 0)
+    path = os.path.join(repo.root, "snapshots", "0123456789abcdef")
+    with open(path, "rb") as handle:
+        raw = handle.read()
+    assert raw.startswith(b"PSRBSNAP") and raw.endswith(b"sealed record")
+    assert snapshot_store.decode("0123456789abcdef", raw).record == b"sealed record"
+    with open(os.path.join(repo.root, "snapshots", "fedcba9876543210"), "wb") as handle:
+        handle.write(b"not a record")
+    assert [s.snapshot_id for s in repo.snapshots()] == ["0123456789abcdef"]
+    repo.close()

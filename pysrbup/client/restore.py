@@ -43,7 +43,7 @@ from pysrbup.client.safefs import (
 from pysrbup.errors import IncompleteError, IntegrityError, PysrbupError, RestoreTargetError
 from pysrbup.memtune import RESTORE_MMAP_THRESHOLD, tune_malloc
 from pysrbup.proto import repo_pb2
-from pysrbup.repo import tree
+from pysrbup.repo import tree, wire
 from pysrbup.textsafe import printable
 
 FETCH_BYTES = 64 * 1024 * 1024
@@ -344,7 +344,8 @@ class Restore:
                     budget.release(cost)
                     continue
                 seen.add(oid)
-                futures.append(pool.submit(job, oid, payload if status == 0 else None, cost))
+                found = payload if status == wire.FETCH_FOUND else None
+                futures.append(pool.submit(job, oid, found, cost))
                 if len(futures) >= 4096:  # drop finished ones, surfacing failures early
                     for fut in futures:
                         if fut.done():

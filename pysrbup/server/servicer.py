@@ -276,7 +276,13 @@ class BackupServicer(service_pb2_grpc.BackupServicer):
 
     @_guarded_stream
     def ListSnapshots(self, request, context):
-        yield from self.repo.snapshots()
+        for stored in self.repo.snapshots():
+            yield service_pb2.SnapshotInfo(
+                snapshot_id=stored.snapshot_id,
+                created_ns=stored.created_ns,
+                stored_bytes=stored.stored_bytes,
+                record=stored.record,
+            )
 
     @_guarded_stream
     def FetchRaw(self, request, context):

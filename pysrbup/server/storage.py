@@ -9,7 +9,7 @@ Everything here works on ciphertext only; the server holds no key. Layout of
     lock                flock'ed by the one server using the directory
     index.sqlite        object id -> (pack, offset, length); the id log
     packs/ab/<id>.pack  append-only pack files (see packs.py)
-    snapshots/<id>      encrypted snapshot records (SnapshotInfo protobuf)
+    snapshots/<id>      encrypted snapshot records (see snapshot_store.py)
     keys/<key id>       wrapped session keys
 
 Writes are acknowledged only once durable: pack data is fsynced before its
@@ -41,9 +41,8 @@ from pysrbup.errors import (
     StorageFullError,
     UsageError,
 )
-from pysrbup.proto import service_pb2
 from pysrbup.repo import auth, wire
-from pysrbup.server import ecc, packs
+from pysrbup.server import ecc, packs, snapshot_store
 from pysrbup.server.index import Index
 
 FORMAT = "pysrbup-repo"
@@ -549,12 +548,14 @@ class Repository:
         if not SNAPSHOT_ID.match(snapshot_id):
             return None
         try:
-            with open(self._snapshot_path(snapshot_id), "rb") as handle:
-                existing = service_pb2.SnapshotInfo()
-                existing.ParseFromString(handle.read())
+            return self._read_snapshot(snapshot_id).record
         except FileNotFoundError:
             return None
-        return existing.record
+
+    def _read_snapshot(self, snapshot_id: str) -> snapshot_store.StoredSnapshot:
+        with open(self._snapshot_path(snapshot_id), "rb") as handle:
+            data = handle.read(wire.MAX_SNAPSHOT_RECORD + snapshot_store.HEADER.size + 1)
+        return snapshot_store.decode(snapshot_id, data)
 
     def commit_snapshot(
         self, session: Session, snapshot_id: str, record: bytes, checked_seq: int
@@ -590,13 +591,10 @@ class Repository:
         return snapshot_id
 
     def _write_snapshot(self, session: Session, snapshot_id: str, record: bytes, path: str):
-        info = service_pb2.SnapshotInfo(
-            snapshot_id=snapshot_id,
-            created_ns=time.time_ns(),
-            stored_bytes=session.stored_bytes,
-            record=record,
+        stored = snapshot_store.StoredSnapshot(
+            snapshot_id, time.time_ns(), session.stored_bytes, record
         )
-        write_atomic(path, info.SerializeToString())
+        write_atomic(path, snapshot_store.encode(stored))
 
     # ---- snapshots -------------------------------------------------------
 
@@ -608,17 +606,18 @@ class Repository:
         folder = os.path.join(self.root, "snapshots")
         return sorted(name for name in os.listdir(folder) if SNAPSHOT_ID.match(name))
 
-    def snapshots(self) -> list[service_pb2.SnapshotInfo]:
-        """Every snapshot record, oldest first."""
-        infos = []
-        folder = os.path.join(self.root, "snapshots")
-        for name in self.snapshot_ids():
-            info = service_pb2.SnapshotInfo()
-            with open(os.path.join(folder, name), "rb") as handle:
-                info.ParseFromString(handle.read())
-            infos.append(info)
-        infos.sort(key=lambda i: (i.created_ns, i.snapshot_id))
-        return infos
+    def snapshots(self) -> list[snapshot_store.StoredSnapshot]:
+        """Every snapshot record, oldest first (a damaged file is logged and skipped)."""
+        stored = []
+        for snapshot_id in self.snapshot_ids():
+            try:
+                stored.append(self._read_snapshot(snapshot_id))
+            except FileNotFoundError:
+                continue  # deleted meanwhile
+            except RepositoryError as exc:
+                log.error("%s", exc)
+        stored.sort(key=lambda s: (s.created_ns, s.snapshot_id))
+        return stored
 
     def new_challenge(self) -> bytes:
         """A single-use challenge for BeginSession or a destructive request."""
