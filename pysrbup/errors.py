@@ -29,6 +29,10 @@ class KeyFileError(PysrbupError):
     """The key file is missing, unreadable or malformed."""
 
 
+class PutOnlyKeyError(PysrbupError):
+    """A put-only key was given to a command that reads or destroys backups."""
+
+
 class WrongKeyError(PysrbupError):
     """The key does not belong to this repository."""
 

@@ -43,7 +43,8 @@ def client(server, cache_dir):
 
 @pytest.fixture
 def key_file(tmp_path):
-    from pysrbup.crypto.keys import MasterKey, write_key_file
+    from pysrbup.crypto.keyfile import write_key_file
+    from pysrbup.crypto.keys import MasterKey
 
     path = str(tmp_path / "key")
     write_key_file(path, MasterKey.generate())

@@ -182,7 +182,7 @@ def test_unreadable_files_are_reported(tmp_path, client, key_file):
 def test_hostile_frames_are_refused_and_server_survives(tmp_path, client, key_file, server):
     from peer import Peer
 
-    from pysrbup.crypto.keys import load_key_file
+    from pysrbup.crypto.keyfile import load_key_file
     from pysrbup.proto import service_pb2
 
     src = tmp_path / "src"

@@ -18,7 +18,7 @@ from helpers import (
 from peer import channel_to
 from trees import dir_size, random_bytes, snapshot_tree
 
-from pysrbup.crypto.keys import load_key_file
+from pysrbup.crypto.keyfile import load_key_file
 from pysrbup.proto import service_pb2, service_pb2_grpc
 from pysrbup.repo import auth
 from pysrbup.repo.auth import condemn_message

@@ -17,7 +17,8 @@ from peer import Peer
 from trees import random_bytes, snapshot_tree
 
 from pysrbup.client.session import WriteSession
-from pysrbup.crypto.keys import MasterKey, load_key_file
+from pysrbup.crypto.keyfile import load_key_file
+from pysrbup.crypto.keys import MasterKey
 from pysrbup.proto import service_pb2
 from pysrbup.repo import auth, wire
 

@@ -111,6 +111,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="fetch and verify a random N%% of the chunks, or the n-th of t fixed groups",
     )
 
+    p = sub.add_parser("key", help="key commands: show-public, put-only, passwd")
+    keys = p.add_subparsers(dest="key_command", metavar="KEY_COMMAND")
+    keys.required = True
+    k = keys.add_parser("show-public", help="the public keys a server operator may see")
+    k.add_argument("key_file", nargs="?", help=key_help)
+    k = keys.add_parser(
+        "put-only", help="derive a key that can back up but not read, restore or delete"
+    )
+    k.add_argument("key_file", help="the master key")
+    k.add_argument("put_key_file", help="where to write the put-only key")
+    k = keys.add_parser(
+        "passwd",
+        help="change the key file's passphrase (the new one from PYSRBUP_NEW_PASSWORD_FILE, "
+        "or the terminal)",
+    )
+    k.add_argument("key_file", nargs="?", help=key_help)
+
     p = sub.add_parser("generate_key", help="create a new key")
     p.add_argument("key_file", nargs="?", help="where to write it (default: print it)")
     return parser
@@ -130,15 +147,22 @@ def iso_time(ns: int) -> str:
     return stamp.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _key(path: str | None, needed: bool = True):
-    from pysrbup.crypto.keys import load_key_file
+def _key(path: str | None, needed: bool = True, reads: bool = True):
+    """The key from ``path`` or PYSRBUP_KEY_FILE; a put-only key only if not ``reads``."""
+    from pysrbup.crypto.keyfile import load_key_file
+    from pysrbup.errors import PutOnlyKeyError
 
     path = path or os.environ.get(ENV_KEY_FILE)
     if not path:
         if needed:
             raise UsageError(f"no key file given (pass it or set {ENV_KEY_FILE})")
         return None
-    return load_key_file(path)
+    key = load_key_file(path)
+    if reads and not key.can_read:
+        raise PutOnlyKeyError(
+            f"{path} is a put-only key: it can back up, but not read, restore or delete backups"
+        )
+    return key
 
 
 def _open_repo(args, key):
@@ -175,17 +199,65 @@ def _emit(args, payload: dict, lines: list[str]) -> None:
             print(printable(line))
 
 
+def _new_passphrase(what: str) -> str | None:
+    """A passphrase for a new key file, or None (then the file is unprotected, with a warning)."""
+    from pysrbup.crypto.keyfile import ask_passphrase
+
+    passphrase = ask_passphrase(f"passphrase for {what} (empty: none): ", confirm=True)
+    if not passphrase:
+        _warn(
+            f"{what} is not protected by a passphrase: anyone who can read the file has the key "
+            "(set PYSRBUP_PASSWORD_FILE or PYSRBUP_PASSWORD_COMMAND, or run it on a terminal)"
+        )
+    return passphrase or None
+
+
 def cmd_generate_key(args) -> int:
-    from pysrbup.crypto.keys import MasterKey, write_key_file
+    from pysrbup.crypto import keyfile
+    from pysrbup.crypto.keys import MasterKey
 
     key = MasterKey.generate()
     if args.key_file:
-        write_key_file(args.key_file, key)
+        keyfile.write_key_file(args.key_file, key, _new_passphrase(args.key_file))
         _emit(args, {"key_file": args.key_file}, [f"Wrote a new key to {args.key_file}"])
     elif args.json:
-        print(json.dumps({"key": json.loads(key.dumps())}))
+        print(json.dumps({"key": json.loads(keyfile.dumps(key))}))
     else:
-        sys.stdout.write(key.dumps())
+        sys.stdout.write(keyfile.dumps(key))
+    return EXIT_OK
+
+
+def cmd_key(args) -> int:
+    """``key show-public | put-only | passwd``."""
+    from pysrbup.crypto import keyfile
+
+    key = _key(args.key_file, reads=args.key_command == "put-only")
+    if args.key_command == "show-public":
+        rows = {
+            "kind": "master" if key.can_read else "put-only",
+            "write_public_key": key.write_public_key.hex(),
+            "destroy_public_key": key.destroy_public_key.hex(),
+            "seal_public_key": key.seal_public_key.hex(),
+        }
+        _emit(args, rows, [f"{name}: {value}" for name, value in rows.items()])
+    elif args.key_command == "put-only":
+        put = key.put_only()
+        keyfile.write_key_file(args.put_key_file, put, _new_passphrase(args.put_key_file))
+        _emit(
+            args,
+            {"put_key_file": args.put_key_file},
+            [
+                f"Wrote a put-only key to {args.put_key_file}: it can back up to this "
+                "repository, but not read, restore or delete backups"
+            ],
+        )
+    else:  # passwd
+        path = args.key_file or os.environ.get(ENV_KEY_FILE)
+        new = keyfile.new_passphrase_for_change(path)
+        if not new:
+            _warn(f"{path} is no longer protected by a passphrase")
+        keyfile.replace_key_file(path, key, new or None)
+        _emit(args, {"key_file": path}, [f"Changed the passphrase of {path}"])
     return EXIT_OK
 
 
@@ -212,7 +284,7 @@ def cmd_backup(args) -> int:
     from pysrbup.client.backup import Backup
     from pysrbup.client.progress import Progress
 
-    key = _key(args.key_file)
+    key = _key(args.key_file, reads=False)
     if not os.path.isdir(args.backup_dir):
         raise UsageError(f"{args.backup_dir} is not a directory")
     repo = _open_repo(args, key)
@@ -380,6 +452,7 @@ COMMANDS = {
     "list": cmd_list,
     "check": cmd_check,
     "init": cmd_init,
+    "key": cmd_key,
     "generate_key": cmd_generate_key,
 }
 

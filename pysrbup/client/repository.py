@@ -12,12 +12,13 @@ from pysrbup.client.connection import Connection
 from pysrbup.client.idcache import IdCache
 from pysrbup.client.retry import until_settled
 from pysrbup.client.session import WriteSession
-from pysrbup.crypto.keys import MasterKey
+from pysrbup.crypto.keys import Key, MasterKey
 from pysrbup.errors import (
     ConcurrentDeleteError,
     IntegrityError,
     NotFoundError,
     PermissionDeniedError,
+    PutOnlyKeyError,
     RepositoryError,
     UsageError,
     WrongKeyError,
@@ -81,7 +82,7 @@ class RemoteRepository:
     def __init__(
         self,
         conn: Connection,
-        key: MasterKey | None,
+        key: Key | None,
         warn: Callable[[str], None] | None = None,
     ):
         self.conn = conn
@@ -100,23 +101,31 @@ class RemoteRepository:
     def initialised(self) -> bool:
         return bool(self.info.write_public_key and self.info.destroy_public_key)
 
-    def _check_key(self, key: MasterKey) -> None:
+    def _check_key(self, key: Key) -> None:
         if (self.info.write_public_key, self.info.destroy_public_key) != (
             key.write_public_key,
             key.destroy_public_key,
         ):
             raise WrongKeyError("the key does not belong to this repository")
 
-    def _require_key(self) -> MasterKey:
+    def _require_key(self) -> Key:
         if self.key is None:
             raise UsageError("this command needs the key file")
         return self.key
+
+    def _require_master(self) -> MasterKey:
+        key = self._require_key()
+        if not isinstance(key, MasterKey):
+            raise PutOnlyKeyError(
+                "this is a put-only key: it can back up, but not read, restore or delete backups"
+            )
+        return key
 
     # ---- initialising and sessions ---------------------------------------------
 
     def initialise(self, token: str) -> None:
         """Fixes the repository's public keys to ours, with the server's init token."""
-        key = self._require_key()
+        key = self._require_master()
         if self.initialised:
             self._check_key(key)
             raise PermissionDeniedError("the repository is already initialised with this key")
@@ -170,7 +179,10 @@ class RemoteRepository:
         key = self._require_key()
         key_id = os.urandom(wire.KEY_ID_SIZE)
         session_key = os.urandom(32)
-        wrapped = envelope.wrap_session_key(key.wrap_key, key_id, session_key)
+        if isinstance(key, MasterKey):
+            wrapped = envelope.wrap_session_key(key.wrap_key, key_id, session_key)
+        else:  # sealed to the master key: this client cannot open it again
+            wrapped = envelope.seal_session_key(key.seal_public_key, key_id, session_key)
         self.conn.put_session_key(
             session.proof(auth.OP_PUT_KEY, auth.put_key_body(key_id, wrapped)), key_id, wrapped
         )
@@ -184,8 +196,10 @@ class RemoteRepository:
     @property
     def opener(self) -> envelope.Opener:
         if self._opener is None:
-            key = self._require_key()
-            self._opener = envelope.Opener(key.mac_key, key.wrap_key, self.conn.session_keys())
+            key = self._require_master()
+            self._opener = envelope.Opener(
+                key.mac_key, key.wrap_key, self.conn.session_keys(), key.seal_private
+            )
         return self._opener
 
     def fetch_objects(self, oids: list[bytes]) -> Iterator[tuple[bytes, bytes | None, str]]:
@@ -251,7 +265,7 @@ class RemoteRepository:
 
     def delete_snapshot(self, snapshot_id: str) -> bool:
         """Deletes a snapshot record, proving the destroy capability; True if already gone."""
-        key = self._require_key()
+        key = self._require_master()
         challenge = self.conn.challenge()
         signature = key.destroy_key.sign(auth.delete_message(self.repo_id, challenge, snapshot_id))
         already = self.conn.delete_snapshot(snapshot_id, challenge, signature)
@@ -264,7 +278,7 @@ class RemoteRepository:
         ``snapshot_ids`` are the snapshots the live set was computed from; the
         server refuses if its own set differs.
         """
-        key = self._require_key()
+        key = self._require_master()
         blob = b"".join(sorted(oids))
         snapshot_set = auth.snapshot_set_digest(snapshot_ids)
         challenge = self.conn.challenge()

@@ -1,41 +1,42 @@
-"""The master key file and the sub-keys derived from it.
+"""The repository's keys: the master key, the sub-keys derived from it, and put-only keys.
 
-A key file holds one random 32-byte master key. Everything else is derived
-with HKDF-SHA256 under a distinct label, so one secret serves every purpose
+A master key is one random 32-byte secret. Everything else is derived with
+HKDF-SHA256 under a distinct label, so one secret serves every purpose
 without one use weakening another:
 
     chunk-id MAC key   keyed BLAKE3 over plaintext chunks (dedup ids)
     gear seed          the chunker's gear table (boundaries do not fingerprint)
     wrap key           AES-256-GCM key that wraps per-session data keys
+    seal key           X25519 key pair: put-only clients seal session keys to
+                       its public half, only the master key opens them
     write key          Ed25519 seed of the write capability: begins backup sessions
     destroy key        Ed25519 seed of the destroy capability: deletes, condemns
 
 The server holds the public halves of the two capability keys (fixed by
 ``pysrbup-client init``) and demands signatures over fresh challenges.
 
-Key file format (text, mode 0600):
-
-    {"format": "pysrbup-key", "version": 1, "key": "<base64 of 32 bytes>"}
+A put-only key (``PutKey``) holds the MAC key, the gear seed and the write
+key (so it deduplicates and backs up exactly like the master key) plus the
+public halves of the seal and destroy keys: it can neither decrypt anything
+nor destroy. How keys are stored in files is keyfile.py's business.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from pysrbup.errors import KeyFileError
 
 KEY_SIZE = 32
-_FORMAT = "pysrbup-key"
-_VERSION = 1
+#: A put key's material: MAC key, gear seed, write seed, seal public, destroy public.
+PUT_KEY_SIZE = 5 * KEY_SIZE
 
 
 def _derive(master: bytes, label: str) -> bytes:
@@ -44,8 +45,8 @@ def _derive(master: bytes, label: str) -> bytes:
     ).derive(master)
 
 
-def public_bytes(private: Ed25519PrivateKey) -> bytes:
-    """The raw 32-byte public half of an Ed25519 key."""
+def public_bytes(private) -> bytes:
+    """The raw 32-byte public half of an Ed25519 or X25519 key."""
     return private.public_key().public_bytes(
         serialization.Encoding.Raw, serialization.PublicFormat.Raw
     )
@@ -56,6 +57,7 @@ class MasterKey:
     """The repository's master key and its derived sub-keys."""
 
     secret: bytes
+    can_read = True
 
     def __post_init__(self) -> None:
         if len(self.secret) != KEY_SIZE:
@@ -82,9 +84,22 @@ class MasterKey:
         return _derive(self.secret, "key wrap")
 
     @cached_property
+    def seal_private(self) -> X25519PrivateKey:
+        """The X25519 key that opens session keys sealed by put-only clients."""
+        return X25519PrivateKey.from_private_bytes(_derive(self.secret, "seal x25519"))
+
+    @cached_property
+    def seal_public_key(self) -> bytes:
+        return public_bytes(self.seal_private)
+
+    @cached_property
     def write_key(self) -> Ed25519PrivateKey:
         """The write capability: signs the opening of backup sessions."""
-        return Ed25519PrivateKey.from_private_bytes(_derive(self.secret, "write ed25519"))
+        return Ed25519PrivateKey.from_private_bytes(self._write_seed)
+
+    @cached_property
+    def _write_seed(self) -> bytes:
+        return _derive(self.secret, "write ed25519")
 
     @cached_property
     def write_public_key(self) -> bytes:
@@ -101,55 +116,60 @@ class MasterKey:
         """Raw 32-byte public half of ``destroy_key``."""
         return public_bytes(self.destroy_key)
 
-    def dumps(self) -> str:
-        """The key file's text."""
-        body = {"format": _FORMAT, "version": _VERSION, "key": base64.b64encode(self.secret)}
-        body["key"] = body["key"].decode()
-        return json.dumps(body) + "\n"
+    def put_only(self) -> PutKey:
+        """The put-only key of this repository: backs up, cannot read or destroy."""
+        return PutKey(
+            self.mac_key,
+            self.gear_seed,
+            self._write_seed,
+            self.seal_public_key,
+            self.destroy_public_key,
+        )
+
+    def payload(self) -> bytes:
+        """The bytes a key file stores."""
+        return self.secret
+
+
+@dataclass(frozen=True)
+class PutKey:
+    """A put-only key: deduplicates and backs up, but cannot decrypt or destroy."""
+
+    mac_key: bytes
+    gear_seed: bytes
+    write_seed: bytes = field(repr=False)
+    seal_public_key: bytes
+    destroy_public_key: bytes
+    can_read = False
+
+    def __post_init__(self) -> None:
+        parts = (self.mac_key, self.gear_seed, self.write_seed, self.seal_public_key)
+        if any(len(p) != KEY_SIZE for p in (*parts, self.destroy_public_key)):
+            raise KeyFileError("a put-only key is malformed")
 
     @classmethod
-    def loads(cls, text: str, source: str = "key") -> MasterKey:
-        """Parses a key file's text; ``source`` names it in error messages."""
-        try:
-            body = json.loads(text)
-            if body.get("format") != _FORMAT:
-                raise ValueError("not a pysrbup key")
-            if body.get("version") != _VERSION:
-                raise ValueError(f"unsupported key version {body.get('version')!r}")
-            secret = base64.b64decode(body["key"], validate=True)
-        except (ValueError, KeyError, TypeError, AttributeError, binascii.Error) as exc:
-            raise KeyFileError(f"{source} is not a valid pysrbup key file ({exc})") from None
-        if len(secret) != KEY_SIZE:
-            raise KeyFileError(f"{source} is not a valid pysrbup key file (wrong key length)")
-        return cls(secret)
+    def from_payload(cls, payload: bytes) -> PutKey:
+        if len(payload) != PUT_KEY_SIZE:
+            raise KeyFileError("a put-only key is malformed")
+        return cls(*(payload[i : i + KEY_SIZE] for i in range(0, PUT_KEY_SIZE, KEY_SIZE)))
+
+    def payload(self) -> bytes:
+        """The bytes a key file stores."""
+        return (
+            self.mac_key
+            + self.gear_seed
+            + self.write_seed
+            + self.seal_public_key
+            + self.destroy_public_key
+        )
+
+    @cached_property
+    def write_key(self) -> Ed25519PrivateKey:
+        return Ed25519PrivateKey.from_private_bytes(self.write_seed)
+
+    @cached_property
+    def write_public_key(self) -> bytes:
+        return public_bytes(self.write_key)
 
 
-def load_key_file(path: str) -> MasterKey:
-    """Reads the key file at ``path`` with a clear error when it is missing or bad."""
-    try:
-        with open(path, encoding="utf-8") as handle:
-            text = handle.read(64 * 1024)
-    except FileNotFoundError:
-        raise KeyFileError(f"key file {path} does not exist") from None
-    except IsADirectoryError:
-        raise KeyFileError(f"key file {path} is a directory") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise KeyFileError(f"cannot read key file {path}: {exc}") from None
-    return MasterKey.loads(text, source=f"key file {path}")
-
-
-def write_key_file(path: str, key: MasterKey) -> None:
-    """Writes ``key`` to a new file with mode 0600; never overwrites."""
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        raise KeyFileError(f"{path} already exists; refusing to overwrite a key file") from None
-    except OSError as exc:
-        raise KeyFileError(f"cannot create key file {path}: {exc.strerror}") from None
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(key.dumps())
-            handle.flush()
-            os.fsync(handle.fileno())
-    except OSError as exc:
-        raise KeyFileError(f"cannot write key file {path}: {exc.strerror}") from None
+Key = MasterKey | PutKey

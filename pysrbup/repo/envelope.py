@@ -16,8 +16,17 @@ The object id is a keyed BLAKE3 MAC of the plaintext; ``Opener.open``
 recomputes it after decrypting, so a replayed or forged object is detected
 even if it was sealed by a key holder for another id.
 
-A session key is wrapped the same way under the master key's wrap key:
-``nonce (12) || AES-256-GCM(wrap_key, session_key, aad="pysrbup-session-key" || key_id)``.
+A session key is stored on the server in one of two forms, told apart by
+length (60 or 93 bytes):
+
+- wrapped by a master-key holder, under the master key's wrap key:
+  ``nonce (12) || AES-256-GCM(wrap_key, session_key, aad)``;
+- sealed by a put-only client to the repository's X25519 public key, with a
+  fresh ephemeral key pair that is forgotten at once, so the client cannot
+  open it again: ``0x02 || ephemeral public (32) || nonce (12) ||
+  AES-256-GCM(HKDF(X25519(ephemeral, seal public) || both publics), session_key, aad)``;
+
+with ``aad = "pysrbup-session-key" || key_id`` in both.
 """
 
 from __future__ import annotations
@@ -30,7 +39,10 @@ from collections.abc import Mapping
 import blake3
 import zstandard
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from pysrbup.errors import IntegrityError, WrongKeyError
 from pysrbup.repo.wire import KEY_ID_SIZE
@@ -98,9 +110,16 @@ class Sealer:
 class Opener:
     """Decrypts and verifies envelopes; knows every session key of the repository."""
 
-    def __init__(self, mac_key: bytes, wrap_key: bytes, wrapped_keys: Mapping[bytes, bytes]):
+    def __init__(
+        self,
+        mac_key: bytes,
+        wrap_key: bytes,
+        wrapped_keys: Mapping[bytes, bytes],
+        seal_private: X25519PrivateKey | None = None,
+    ):
         self.mac_key = mac_key
         self._wrap_key = wrap_key
+        self._seal_private = seal_private
         self._wrapped = dict(wrapped_keys)
         self._aeads: dict[bytes, AESGCM] = {}
         self._lock = threading.Lock()
@@ -116,7 +135,9 @@ class Opener:
             aead = self._aeads.get(key_id)
             if aead is None and key_id in self._wrapped:
                 try:
-                    key = unwrap_session_key(self._wrap_key, key_id, self._wrapped[key_id])
+                    key = open_session_key(
+                        self._wrap_key, self._seal_private, key_id, self._wrapped[key_id]
+                    )
                 except (WrongKeyError, IntegrityError):
                     return None
                 aead = self._aeads[key_id] = AESGCM(key)
@@ -179,4 +200,58 @@ def unwrap_session_key(wrap_key: bytes, key_id: bytes, wrapped: bytes) -> bytes:
         ) from None
     if len(key) != 32:
         raise IntegrityError("a stored session key has the wrong length")
+    return key
+
+
+_SEALED = 0x02
+SEALED_SIZE = 1 + 32 + NONCE_SIZE + 32 + TAG_SIZE
+_SEAL_INFO = b"pysrbup sealed session key"
+
+
+def _raw_public(public: X25519PublicKey) -> bytes:
+    return public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def _seal_key(shared: bytes, ephemeral_public: bytes, seal_public: bytes) -> bytes:
+    return HKDF(hashes.SHA256(), 32, salt=None, info=_SEAL_INFO).derive(
+        shared + ephemeral_public + seal_public
+    )
+
+
+def seal_session_key(seal_public: bytes, key_id: bytes, session_key: bytes) -> bytes:
+    """Seals a session key to the repository's X25519 public key (a put-only client).
+
+    The ephemeral private key is dropped on return: not even the caller can
+    open the result again.
+    """
+    ephemeral = X25519PrivateKey.generate()
+    ephemeral_public = _raw_public(ephemeral.public_key())
+    shared = ephemeral.exchange(X25519PublicKey.from_public_bytes(seal_public))
+    nonce = os.urandom(NONCE_SIZE)
+    sealed = AESGCM(_seal_key(shared, ephemeral_public, seal_public)).encrypt(
+        nonce, session_key, _WRAP_LABEL + key_id
+    )
+    return bytes([_SEALED]) + ephemeral_public + nonce + sealed
+
+
+def open_session_key(
+    wrap_key: bytes, seal_private: X25519PrivateKey | None, key_id: bytes, stored: bytes
+) -> bytes:
+    """Opens a stored session key of either form; WrongKeyError if the key does not fit."""
+    if len(stored) != SEALED_SIZE or stored[0] != _SEALED:
+        return unwrap_session_key(wrap_key, key_id, stored)
+    if seal_private is None:
+        raise WrongKeyError("a session key sealed by a put-only client needs the master key")
+    ephemeral_public = stored[1:33]
+    nonce = stored[33 : 33 + NONCE_SIZE]
+    seal_public = _raw_public(seal_private.public_key())
+    try:
+        shared = seal_private.exchange(X25519PublicKey.from_public_bytes(ephemeral_public))
+        key = AESGCM(_seal_key(shared, ephemeral_public, seal_public)).decrypt(
+            nonce, stored[33 + NONCE_SIZE :], _WRAP_LABEL + key_id
+        )
+    except (InvalidTag, ValueError):
+        raise WrongKeyError(
+            "the key does not fit this repository (cannot open its session keys)"
+        ) from None
     return key
