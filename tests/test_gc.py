@@ -44,7 +44,7 @@ def test_deleting_only_backup_frees_almost_everything(tmp_path, client, key_file
     assert before > 12 * 1024 * 1024
     proc = client.run("--json", "delete", backup_id, key_file, check=True)
     report = json.loads(proc.stdout)
-    assert report["deleted"] == backup_id
+    assert report["deleted"] == [backup_id]
     assert report["bytes_freed"] > 12 * 1024 * 1024
     assert _pack_bytes(server.repo) == 0
     assert dir_size(server.repo) < before * 0.05

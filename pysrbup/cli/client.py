@@ -11,6 +11,7 @@ import argparse
 import datetime
 import json
 import os
+import re
 import sys
 
 from pysrbup.cli.common import report_error, version_text
@@ -28,6 +29,30 @@ ENV_TLS_CA = "PYSRBUP_TLS_CA"
 ENV_TLS_FINGERPRINT = "PYSRBUP_TLS_FINGERPRINT"
 ENV_PLAINTEXT = "PYSRBUP_PLAINTEXT"
 DEFAULT_SERVER = "localhost:50000"
+
+
+def _add_filters(p: argparse.ArgumentParser) -> None:
+    """restic's snapshot filters (they need the key: hosts, paths and tags are encrypted)."""
+    p.add_argument(
+        "--tag",
+        action="append",
+        default=[],
+        metavar="TAG[,TAG]",
+        help="only backups with all these tags (repeat: any of the groups)",
+    )
+    p.add_argument("--host", action="append", default=[], help="only backups of this host")
+    p.add_argument("--path", action="append", default=[], help="only backups of this path")
+
+
+def parse_time(text: str) -> int:
+    """``YYYY-MM-DD HH:MM:SS`` (or ``YYYY-MM-DD``) in local time, as ns since the epoch."""
+    for form in ("%Y-%m-%d %H:%M:%S", "%Y-%m-%d %H:%M", "%Y-%m-%d"):
+        try:
+            stamp = datetime.datetime.strptime(text.strip(), form).astimezone()
+        except ValueError:
+            continue
+        return int(stamp.timestamp()) * 1_000_000_000
+    raise UsageError(f'bad --time {text!r}: use "YYYY-MM-DD HH:MM:SS"')
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("backup", help="back up a directory")
     p.add_argument("backup_dir")
     p.add_argument("key_file", nargs="?", help=key_help)
+    p.add_argument("--tag", action="append", default=[], help="add a tag (repeatable)")
+    p.add_argument("--host", help="record this host name instead of this machine's")
+    p.add_argument("--time", help='record this time ("YYYY-MM-DD HH:MM:SS", local) instead of now')
 
     p = sub.add_parser("restore", help="restore a backup into a directory")
     p.add_argument("backup_id")
@@ -78,9 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("key_file", nargs="?", help=key_help)
     p.add_argument("--force", action="store_true", help="overwrite existing files")
 
-    p = sub.add_parser("delete", help="delete a backup")
-    p.add_argument("backup_id")
-    p.add_argument("key_file", nargs="?", help=key_help)
+    p = sub.add_parser(
+        "delete",
+        help="delete backups (delete ID... KEY_FILE), then collect garbage once",
+    )
+    p.add_argument("backup_ids", nargs="+", metavar="backup_id")
 
     p = sub.add_parser(
         "init",
@@ -93,8 +123,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="the token the server wrote to <backups_dir>/init-token (env PYSRBUP_INIT_TOKEN)",
     )
 
+    p = sub.add_parser("tag", help="change a backup's tags (it gets a new id, as in restic)")
+    p.add_argument("backup_id")
+    p.add_argument("--key-file", help=key_help)
+    p.add_argument("--add", action="append", default=[], metavar="TAG", help="add a tag")
+    p.add_argument("--remove", action="append", default=[], metavar="TAG", help="remove a tag")
+    p.add_argument(
+        "--set", action="append", default=None, metavar="TAG", help="replace all tags by these"
+    )
+
+    p = sub.add_parser("stats", help="sizes, deduplication, and what the server stores")
+    p.add_argument("--key-file", help=key_help)
+    p.add_argument("--backup", action="append", default=[], metavar="ID", help="only these backups")
+    _add_filters(p)
+
     p = sub.add_parser("list", help="list backups")
-    p.add_argument("--key-file", help="also decrypt host, path, file count and size")
+    p.add_argument("--key-file", help="also decrypt host, path, tags, file count and size")
+    _add_filters(p)
 
     p = sub.add_parser(
         "check",
@@ -289,7 +334,9 @@ def cmd_backup(args) -> int:
         raise UsageError(f"{args.backup_dir} is not a directory")
     repo = _open_repo(args, key)
     with repo.conn:
-        result = Backup(repo, args.num_threads, Progress("backup")).run(args.backup_dir)
+        job = Backup(repo, args.num_threads, Progress("backup"))
+        when = parse_time(args.time) if args.time else None
+        result = job.run(args.backup_dir, tags=args.tag, host=args.host, time_ns=when)
     payload = result.as_dict()
     _emit(
         args,
@@ -337,73 +384,116 @@ def cmd_restore(args) -> int:
     return EXIT_OK
 
 
-def cmd_delete(args) -> int:
-    from pysrbup.client.gc import collect_garbage
+def _delete_records(repo, backup_ids: list[str]) -> list[str]:
+    """Removes snapshot records (each opened with the key first); returns the full ids.
+
+    An id whose record is already gone because an earlier delete was
+    interrupted counts as deleted, so that a rerun finishes the job.
+    """
     from pysrbup.errors import NotFoundError
 
-    key = _key(args.key_file)
-    repo = _open_repo(args, key)
-    with repo.conn:
-        if repo.info.append_only:
-            raise PermissionDeniedError("the server is append-only: deleting is refused")
+    if repo.info.append_only:
+        raise PermissionDeniedError("the server is append-only: deleting is refused")
+    infos = {}
+    for backup_id in backup_ids:
         try:
-            info = repo.find_snapshot(args.backup_id)
+            info = repo.find_snapshot(backup_id)
         except NotFoundError as unknown:
-            # A rerun after an interrupted delete: the record is gone, finish the job.
-            backup_id = args.backup_id.strip().lower()
+            full = backup_id.strip().lower()
             try:
-                already = repo.delete_snapshot(backup_id)
+                already = repo.delete_snapshot(full)
             except NotFoundError:
                 already = False
             if not already:
                 raise unknown from None
-        else:
-            backup_id = info.snapshot_id
-            repo.open_snapshot(info)  # the key must open it: never delete blindly
+            infos[full] = None
+            continue
+        repo.open_snapshot(info)  # the key must open it: never delete blindly
+        infos[info.snapshot_id] = info
+    for backup_id, info in infos.items():
+        if info is not None:
             repo.delete_snapshot(backup_id)
-        result = collect_garbage(repo)
-    lines = [
-        f"Deleted backup {backup_id}",
-        f"Freed {human_bytes(result.bytes_freed)} ({result.condemned} objects no backup uses)",
-    ]
+    return list(infos)
+
+
+def _gc_lines(result) -> list[str]:
+    lines = [f"Freed {human_bytes(result.bytes_freed)} ({result.condemned} objects no backup uses)"]
     if result.bytes_pending:
         lines.append(
             f"{human_bytes(result.bytes_pending)} more will be freed when running backups finish"
         )
-    _emit(
-        args,
-        {
-            "deleted": backup_id,
-            "objects_condemned": result.condemned,
-            "bytes_freed": result.bytes_freed,
-            "bytes_pending": result.bytes_pending,
-        },
-        lines,
-    )
+    return lines
+
+
+def _gc_payload(result) -> dict:
+    return {
+        "objects_condemned": result.condemned,
+        "bytes_freed": result.bytes_freed,
+        "bytes_pending": result.bytes_pending,
+    }
+
+
+def _split_key_argument(values: list[str], key_file: str | None) -> tuple[list[str], str | None]:
+    """``delete ID... [KEY_FILE]``: the last value is the key file unless it is a backup id.
+
+    A backup id (or prefix) is 1 to 16 hex digits; anything else, or an existing
+    file, is the key file, so a missing key file is reported as one.
+    """
+    last = values[-1]
+    looks_like_id = re.fullmatch(r"[0-9a-fA-F]{1,16}", last.strip()) is not None
+    if key_file is None and len(values) > 1 and (os.path.isfile(last) or not looks_like_id):
+        return values[:-1], last
+    return values, key_file
+
+
+def cmd_delete(args) -> int:
+    from pysrbup.client.gc import collect_garbage
+
+    backup_ids, key_path = _split_key_argument(args.backup_ids, None)
+    key = _key(key_path)
+    repo = _open_repo(args, key)
+    with repo.conn:
+        deleted = _delete_records(repo, backup_ids)
+        result = collect_garbage(repo)  # once, however many records went
+    lines = [f"Deleted backup {backup_id}" for backup_id in deleted] + _gc_lines(result)
+    _emit(args, {"deleted": deleted, **_gc_payload(result)}, lines)
     return EXIT_OK
 
 
+def _listed_row(item) -> dict:
+    return {
+        "id": item.id,
+        "time": iso_time(item.record.time_ns),
+        "stored_bytes": item.info.stored_bytes,
+        "host": item.host,
+        "path": item.path,
+        "tags": item.tags,
+        "files": item.record.files,
+        "logical_bytes": item.record.logical_bytes,
+    }
+
+
 def cmd_list(args) -> int:
-    key = _key(args.key_file, needed=False) if args.key_file else None
+    from pysrbup.client.selection import open_all, select
+
+    filtered = args.tag or args.host or args.path
+    if filtered and not (args.key_file or os.environ.get(ENV_KEY_FILE)):
+        raise UsageError("--tag, --host and --path need --key-file (they are encrypted)")
+    key = _key(args.key_file, needed=False) if (args.key_file or filtered) else None
     repo = _open_repo(args, key)
-    rows = []
     with repo.conn:
-        for info in repo.snapshots():
-            row = {
-                "id": info.snapshot_id,
-                "time": iso_time(info.created_ns),  # the server's word, until the key opens it
-                "stored_bytes": info.stored_bytes,
-            }
-            if key is not None:
-                snap = repo.open_snapshot(info)
-                row.update(
-                    time=iso_time(snap.time_ns),
-                    host=snap.hostname,
-                    path=os.fsdecode(snap.source_path),
-                    files=snap.files,
-                    logical_bytes=snap.logical_bytes,
-                )
-            rows.append(row)
+        if key is None:
+            rows = [
+                {
+                    "id": info.snapshot_id,
+                    "time": iso_time(info.created_ns),  # the server's word: no key to check it
+                    "stored_bytes": info.stored_bytes,
+                }
+                for info in repo.snapshots()
+            ]
+        else:
+            picked = select(open_all(repo), args.tag, args.host, args.path)
+            rows = [_listed_row(item) for item in picked]
     lines = []
     for row in rows:
         line = f"{row['id']}  {row['time']}  {human_bytes(row['stored_bytes']):>10}"
@@ -412,8 +502,82 @@ def cmd_list(args) -> int:
                 f"  {row['host']}  {row['path']}  {row['files']} files  "
                 f"{human_bytes(row['logical_bytes'])}"
             )
+            if row["tags"]:
+                line += "  [" + ",".join(row["tags"]) + "]"
         lines.append(line)
     _emit(args, {"backups": rows}, lines)
+    return EXIT_OK
+
+
+def cmd_tag(args) -> int:
+    from pysrbup.client.retag import new_tags, retag
+    from pysrbup.client.selection import Listed
+
+    if not (args.add or args.remove or args.set is not None):
+        raise UsageError("nothing to do: give --add, --remove or --set")
+    key = _key(args.key_file)
+    repo = _open_repo(args, key)
+    with repo.conn:
+        info = repo.find_snapshot(args.backup_id)
+        item = Listed(info, repo.open_snapshot(info))
+        tags = new_tags(item.tags, args.add, args.remove, args.set)
+        new_id = retag(repo, item, tags)
+    shown = ",".join(tags) or "no tags"
+    line = (
+        f"Backup {item.id} is now {new_id} [{shown}]"
+        if new_id != item.id
+        else (f"Backup {item.id} already has [{shown}]")
+    )
+    _emit(args, {"old_id": item.id, "new_id": new_id, "tags": tags}, [line])
+    return EXIT_OK
+
+
+def cmd_stats(args) -> int:
+    from pysrbup.client.selection import open_all, select
+    from pysrbup.client.stats import tree_stats
+
+    key = _key(args.key_file)
+    repo = _open_repo(args, key)
+    with repo.conn:
+        backups = select(open_all(repo), args.tag, args.host, args.path)
+        if args.backup:
+            wanted = {repo.find_snapshot(b).snapshot_id for b in args.backup}
+            backups = [b for b in backups if b.id in wanted]
+        trees = tree_stats(repo, backups)
+        server = repo.conn.stats()
+    payload = {
+        "backups": trees.backups,
+        "files": trees.files,
+        "directories": trees.dirs,
+        "logical_bytes": trees.logical_bytes,
+        "unique_chunks": trees.chunks,
+        "unique_bytes": trees.unique_bytes,
+        "dedup_ratio": round(trees.dedup_ratio, 3),
+        "trees": trees.trees,
+        "repository": {
+            "objects": server.objects,
+            "stored_bytes": server.object_bytes,
+            "packs": server.packs,
+            "pack_bytes": server.pack_bytes,
+            "parity_bytes": server.parity_bytes,
+            "condemned_objects": server.condemned_objects,
+            "condemned_bytes": server.condemned_bytes,
+        },
+    }
+    lines = [
+        f"Backups: {trees.backups}, files: {trees.files}, directories: {trees.dirs}",
+        f"Logical size: {human_bytes(trees.logical_bytes)} in {trees.chunks} distinct chunks of "
+        f"{human_bytes(trees.unique_bytes)} (deduplication {trees.dedup_ratio:.2f}x)",
+        f"Repository: {server.objects} objects, {human_bytes(server.object_bytes)} stored in "
+        f"{server.packs} packs ({human_bytes(server.pack_bytes)}), parity "
+        f"{human_bytes(server.parity_bytes)}",
+    ]
+    if server.condemned_objects:
+        lines.append(
+            f"Waiting to be freed: {server.condemned_objects} objects, "
+            f"{human_bytes(server.condemned_bytes)}"
+        )
+    _emit(args, payload, lines)
     return EXIT_OK
 
 
@@ -453,6 +617,8 @@ COMMANDS = {
     "check": cmd_check,
     "init": cmd_init,
     "key": cmd_key,
+    "tag": cmd_tag,
+    "stats": cmd_stats,
     "generate_key": cmd_generate_key,
 }
 

@@ -602,8 +602,18 @@ class Backup:
         assert self._root_node is not None
         return self._root_node
 
-    def run(self, source: str) -> BackupResult:
-        """Backs up the directory ``source`` and returns the result with its id."""
+    def run(
+        self,
+        source: str,
+        tags: list[str] | None = None,
+        host: str | None = None,
+        time_ns: int | None = None,
+    ) -> BackupResult:
+        """Backs up the directory ``source`` and returns the result with its id.
+
+        ``tags``, ``host`` and ``time_ns`` go into the snapshot record (restic's
+        ``--tag``, ``--host``, ``--time``); host and time default to this machine and now.
+        """
         started = time.monotonic()
         source = os.path.abspath(source)
         try:
@@ -632,10 +642,13 @@ class Backup:
             stats = self._uploader.finish()
             self.result.bytes_sent = stats.bytes_sent
             self.result.retries = stats.retries
+            when = time.time_ns() if time_ns is None else time_ns
             record = repo_pb2.Snapshot(
                 version=SNAPSHOT_VERSION,
-                time_ns=time.time_ns(),
-                hostname=socket.gethostname(),
+                time_ns=when,
+                utc_offset_s=snapshot.utc_offset(when),
+                tags=snapshot.normal_tags(tags or []),
+                hostname=socket.gethostname() if host is None else host,
                 username=getpass.getuser(),
                 source_path=os.fsencode(source),
                 root_tree=root_tree,

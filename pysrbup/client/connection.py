@@ -355,6 +355,9 @@ class Connection:
         )
         return self._call("Condemn", request)
 
+    def stats(self) -> service_pb2.StatsReply:
+        return self._call("GetStats", service_pb2.StatsRequest())
+
     def revive(self, proof: service_pb2.SessionProof, ids: bytes) -> list[bytes]:
         """Revives condemned ids (concatenated); returns those already gone."""
         reply = self._call("Revive", service_pb2.ReviveRequest(proof=proof, ids=ids))

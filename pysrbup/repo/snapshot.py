@@ -9,12 +9,38 @@ server returns under an id is the one it stored there.
 
 from __future__ import annotations
 
-from pysrbup.errors import IntegrityError
+import datetime
+
+from pysrbup.errors import IntegrityError, UsageError
 from pysrbup.proto import repo_pb2
 from pysrbup.repo.envelope import Opener, Sealer
 from pysrbup.repo.wire import ID_SIZE
 
 SNAPSHOT_FORMAT = 1
+
+
+def utc_offset(time_ns: int) -> int:
+    """This machine's UTC offset in seconds at ``time_ns`` (kept with the backup time)."""
+    stamp = datetime.datetime.fromtimestamp(time_ns / 1e9).astimezone()
+    offset = stamp.utcoffset()
+    return int(offset.total_seconds()) if offset is not None else 0
+
+
+def local_time(snapshot: repo_pb2.Snapshot) -> datetime.datetime:
+    """The backup time in the zone of the machine that made it (restic's bucket calendar)."""
+    zone = datetime.timezone(datetime.timedelta(seconds=snapshot.utc_offset_s))
+    return datetime.datetime.fromtimestamp(snapshot.time_ns / 1e9, tz=zone)
+
+
+def normal_tags(tags) -> list[str]:
+    """Tags as stored: unique, sorted, none empty or with a comma (restic's rules)."""
+    out = set()
+    for tag in tags:
+        tag = tag.strip()
+        if not tag or "," in tag:
+            raise UsageError(f"invalid tag {tag!r}: tags are non-empty and hold no commas")
+        out.add(tag)
+    return sorted(out)
 
 
 def snapshot_id_of(oid: bytes) -> str:

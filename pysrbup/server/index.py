@@ -269,6 +269,15 @@ class Index:
 
         return self._transaction(work)
 
+    def totals(self) -> tuple[int, int, int, int]:
+        """(objects, their bytes, condemned objects, their bytes)."""
+        with self._lock:
+            objects, size = self._db.execute("SELECT COUNT(*), SUM(length) FROM objects").fetchone()
+            condemned, dead = self._db.execute(
+                "SELECT COUNT(*), SUM(length) FROM objects WHERE condemned != 0"
+            ).fetchone()
+        return int(objects), int(size or 0), int(condemned), int(dead or 0)
+
     def pending_condemned_bytes(self) -> int:
         with self._lock:
             row = self._db.execute(

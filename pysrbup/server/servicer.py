@@ -314,6 +314,10 @@ class BackupServicer(service_pb2_grpc.BackupServicer):
         return service_pb2.CondemnReply(condemned=count, bytes_freed=freed, bytes_pending=pending)
 
     @_guarded
+    def GetStats(self, request, context):
+        return service_pb2.StatsReply(**self.repo.stats())
+
+    @_guarded
     def Revive(self, request, context):
         session = self._session(request.proof, auth.OP_REVIVE, auth.ids_body(request.ids))
         missing = self.repo.revive(session, split_ids(request.ids))

@@ -903,6 +903,27 @@ class Repository:
                 self._read_fds[pack] = fd
             return fd
 
+    def stats(self) -> dict[str, int]:
+        """Counts and bytes of what the repository holds on disk."""
+        objects, object_bytes, condemned, condemned_bytes = self.index.totals()
+        pack_bytes = parity_bytes = count = 0
+        for _, name, _ in self.index.packs():
+            path = os.path.join(self.root, name)
+            with contextlib.suppress(FileNotFoundError):
+                pack_bytes += os.path.getsize(path)
+                count += 1
+            with contextlib.suppress(FileNotFoundError):
+                parity_bytes += os.path.getsize(ecc.sidecar_path(path))
+        return {
+            "objects": objects,
+            "object_bytes": object_bytes,
+            "packs": count,
+            "pack_bytes": pack_bytes,
+            "parity_bytes": parity_bytes,
+            "condemned_objects": condemned,
+            "condemned_bytes": condemned_bytes,
+        }
+
     def has_objects(self, oids: list[bytes]) -> bytes:
         """One byte per id: 1 if the repository stores it (its pack file exists), else 0."""
         found = self.index.lookup_many(oids)
