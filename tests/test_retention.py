@@ -110,3 +110,129 @@ def test_stats_counts_logical_unique_and_stored(tmp_path, client, key_file):
     )
     assert one["backups"] == 1 and 0.99 < one["dedup_ratio"] < 1.01
     assert os.path.exists(src)
+
+
+def _make_daily_backups(tmp_path, server, client, key_file, monkeypatch, days: int):
+    """``days`` backups one day apart (--time), each with a file of its own, made in-process."""
+    import datetime
+
+    from pysrbup.client.backup import Backup
+    from pysrbup.client.connection import Connection
+    from pysrbup.client.repository import RemoteRepository
+    from pysrbup.crypto.keyfile import load_key_file
+
+    for name in ("PYSRBUP_CACHE_DIR", "PYSRBUP_CONFIG_DIR", "PYSRBUP_INIT_TOKEN"):
+        monkeypatch.setenv(name, client.env[name])
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "shared.bin").write_bytes(random_bytes(300_000, 7))
+    start = datetime.datetime(2024, 1, 1, 12, 0, tzinfo=datetime.timezone.utc)
+    made = {}
+    with Connection(server.address) as conn:
+        repo = RemoteRepository(conn, load_key_file(key_file))
+        for day in range(days):
+            for old in src.glob("day-*"):
+                old.unlink()
+            (src / f"day-{day:03}.bin").write_bytes(random_bytes(100_000, 1000 + day))
+            when = start + datetime.timedelta(days=day)
+            result = Backup(repo, 2).run(str(src), time_ns=int(when.timestamp()) * 10**9)
+            made[result.backup_id] = day
+    return src, made
+
+
+def test_forget_keeps_by_policy_frees_the_rest_once(
+    tmp_path, client, key_file, server, monkeypatch
+):
+    from pysrbup.client import policy
+
+    _src_dir, made = _make_daily_backups(tmp_path, server, client, key_file, monkeypatch, 30)
+    dry = client.run(
+        "--json",
+        "forget",
+        "--key-file",
+        key_file,
+        "--keep-daily",
+        "5",
+        "--keep-weekly",
+        "2",
+        "--dry-run",
+        check=True,
+    )
+    plan = json.loads(dry.stdout)
+    assert plan["dry_run"] and len(_listing(client, key_file)) == 30
+    (group,) = plan["groups"]
+    kept = {k["id"] for k in group["keep"]}
+    # The same decision as the policy engine (restic's rules) on the same records.
+    listed = _listing(client, key_file)
+    import datetime
+
+    metas = [
+        policy.SnapshotMeta(
+            id=r["id"],
+            time=datetime.datetime.strptime(r["time"], "%Y-%m-%dT%H:%M:%SZ").replace(
+                tzinfo=datetime.timezone.utc
+            ),
+        )
+        for r in listed
+    ]
+    want, _, _ = policy.apply(metas, policy.Policy(daily=5, weekly=2))
+    assert kept == {m.id for m in want}
+    newest_days = sorted(made.values())[-5:]
+    assert {made[i] for i in kept} >= set(newest_days)
+    assert len(kept) < 30
+    stats_before = json.loads(
+        client.run("--json", "stats", "--key-file", key_file, check=True).stdout
+    )
+    done = client.run(
+        "--json",
+        "forget",
+        "--key-file",
+        key_file,
+        "--keep-daily",
+        "5",
+        "--keep-weekly",
+        "2",
+        check=True,
+    )
+    report = json.loads(done.stdout)
+    assert report["bytes_freed"] > (30 - len(kept)) * 90_000
+    assert {r["id"] for r in _listing(client, key_file)} == kept
+    stats_after = json.loads(
+        client.run("--json", "stats", "--key-file", key_file, check=True).stdout
+    )
+    assert stats_after["unique_bytes"] == 300_000 + len(kept) * 100_000
+    assert stats_after["repository"]["stored_bytes"] < stats_before["repository"]["stored_bytes"]
+    for backup_id in kept:
+        out = tmp_path / f"out-{backup_id}"
+        client.run("restore", backup_id, str(out), key_file, check=True)
+        names = sorted(p.name for p in (out / "src").iterdir())
+        assert names == [f"day-{made[backup_id]:03}.bin", "shared.bin"]
+
+
+def test_forget_racing_a_backup_keeps_the_backup(tmp_path, client, key_file, server, monkeypatch):
+    src, _made = _make_daily_backups(tmp_path, server, client, key_file, monkeypatch, 6)
+    (src / "big.bin").write_bytes(random_bytes(30 * 1024 * 1024, 99))
+    running = client.spawn("backup", str(src), key_file)
+    forgot = client.run("forget", "--key-file", key_file, "--keep-last", "1")
+    out, err = running.communicate(timeout=300)
+    assert running.returncode == 0, err
+    assert forgot.returncode in (0, 1), forgot.stderr  # may give up if backups kept changing
+    assert_no_traceback(forgot)
+    backup_id = backup_id_in(out)
+    restored = tmp_path / "restored"
+    client.run("restore", backup_id, str(restored), key_file, check=True)
+    assert snapshot_tree(str(restored / "src")) == snapshot_tree(str(src))
+
+
+def test_forget_refuses_bad_policies(client, key_file):
+    for flags in (
+        ("--keep-within", "3w"),
+        ("--keep-daily", "many"),
+        ("--keep-daily", "-2"),
+        ("--keep-last", "1", "--group-by", "hostname,colour"),
+        (),
+    ):
+        proc = client.run("forget", "--key-file", key_file, *flags)
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.count("\n") == 1 and "error" in proc.stderr
+        assert_no_traceback(proc)

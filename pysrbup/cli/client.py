@@ -132,6 +132,38 @@ def build_parser() -> argparse.ArgumentParser:
         "--set", action="append", default=None, metavar="TAG", help="replace all tags by these"
     )
 
+    p = sub.add_parser(
+        "forget",
+        help="remove backups by a retention policy (restic's forget rules), then free space",
+        description="Keeps what the --keep-* rules select, restic's semantics to the letter: "
+        "backups newest first; each rule counts on its own (one backup may use up a daily and "
+        "a weekly count); only the newest backup of an hour, day, ISO week, month or year "
+        "counts; a rule with counts left at the end also keeps the oldest backup; "
+        "--keep-within* count back from the newest backup, not from now. N may be -1 or "
+        "'unlimited'. Durations look like 1y2m3d4h. The policy applies to each group "
+        "(--group-by, default host,paths) separately. Everything else is removed, and "
+        "garbage is collected once for all of them.",
+    )
+    p.add_argument("--key-file", help=key_help)
+    for kind in ("last", "hourly", "daily", "weekly", "monthly", "yearly"):
+        p.add_argument(f"--keep-{kind}", default="0", metavar="N", help=f"keep {kind} backups")
+    for kind in ("", "-hourly", "-daily", "-weekly", "-monthly", "-yearly"):
+        p.add_argument(
+            f"--keep-within{kind}",
+            metavar="DURATION",
+            help=f"keep{kind.replace('-', ' ') or ' all'} backups within DURATION of the newest",
+        )
+    p.add_argument(
+        "--keep-tag",
+        action="append",
+        default=[],
+        metavar="TAG[,TAG]",
+        help="keep backups with all these tags (repeatable)",
+    )
+    p.add_argument("--group-by", default="host,paths", help="host,paths,tags or a subset")
+    p.add_argument("--dry-run", action="store_true", help="only say what would be removed")
+    _add_filters(p)
+
     p = sub.add_parser("stats", help="sizes, deduplication, and what the server stores")
     p.add_argument("--key-file", help=key_help)
     p.add_argument("--backup", action="append", default=[], metavar="ID", help="only these backups")
@@ -581,6 +613,84 @@ def cmd_stats(args) -> int:
     return EXIT_OK
 
 
+_WITHIN = (
+    "within",
+    "within_hourly",
+    "within_daily",
+    "within_weekly",
+    "within_monthly",
+    "within_yearly",
+)
+
+
+def _policy_from(args):
+    """The retention policy and grouping the --keep-* and --group-by flags ask for."""
+    from pysrbup.client import policy
+
+    try:
+        durations = {
+            name: policy.parse_duration(getattr(args, f"keep_{name}"))
+            for name in _WITHIN
+            if getattr(args, f"keep_{name}")
+        }
+        counts = {
+            kind: policy.parse_count(getattr(args, f"keep_{kind}"))
+            for kind in ("last", "hourly", "daily", "weekly", "monthly", "yearly")
+        }
+        rules = policy.Policy(
+            **counts, **durations, tags=[policy.parse_tag_list(t) for t in args.keep_tag]
+        )
+        rules.validate()
+        group_by = policy.parse_group_by(args.group_by)
+    except ValueError as exc:
+        raise UsageError(f"forget: {exc}") from None
+    return rules, group_by
+
+
+def cmd_forget(args) -> int:
+    from pysrbup.client.forget import decide, forget
+    from pysrbup.client.selection import open_all, select
+
+    rules, group_by = _policy_from(args)
+    if rules.empty():
+        raise UsageError("no policy given (--keep-*): nothing would be kept, nothing is removed")
+    key = _key(args.key_file)
+    repo = _open_repo(args, key)
+    with repo.conn:
+        if repo.info.append_only and not args.dry_run:
+            raise PermissionDeniedError("the server is append-only: deleting is refused")
+        decisions = decide(select(open_all(repo), args.tag, args.host, args.path), rules, group_by)
+        result = None if args.dry_run else forget(repo, decisions)
+    lines: list[str] = []
+    groups = []
+    for d in decisions:
+        shown = ", ".join(
+            f"{k} [{', '.join(v)}]" if isinstance(v, tuple) else f"{k} {v}"
+            for k, v in d.key.items()
+        )
+        lines.append(f"backups for {shown or 'all'}: keep {len(d.keep)}, remove {len(d.remove)}")
+        lines += [
+            f"  keep   {b.id}  {iso_time(b.record.time_ns)}  {', '.join(d.reasons[b.id])}"
+            for b in d.keep
+        ]
+        lines += [f"  remove {b.id}  {iso_time(b.record.time_ns)}" for b in d.remove]
+        groups.append(
+            {
+                "key": {k: list(v) if isinstance(v, tuple) else v for k, v in d.key.items()},
+                "keep": [{"id": b.id, "reasons": d.reasons[b.id]} for b in d.keep],
+                "remove": [b.id for b in d.remove],
+            }
+        )
+    payload: dict = {"groups": groups, "dry_run": args.dry_run}
+    if result is not None:
+        lines += _gc_lines(result)
+        payload.update(_gc_payload(result))
+    elif args.dry_run:
+        lines.append("dry run: nothing was removed")
+    _emit(args, payload, lines)
+    return EXIT_OK
+
+
 def cmd_check(args) -> int:
     from pysrbup.client.check import Check, parse_subset
     from pysrbup.client.progress import Progress
@@ -619,6 +729,7 @@ COMMANDS = {
     "key": cmd_key,
     "tag": cmd_tag,
     "stats": cmd_stats,
+    "forget": cmd_forget,
     "generate_key": cmd_generate_key,
 }
 
