@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 
@@ -126,3 +127,37 @@ def test_id_cache_restarts_when_the_index_epoch_changes(served):
     fresh.sync(served.remote.conn)
     assert fresh.epoch == cache.epoch and stale not in fresh.ids
     assert len(fresh.ids) == len(cache.ids) > 0
+
+
+def test_restore_plans_each_chunk_once_at_every_offset(served, tmp_path):
+    """Restore planning: one fetch per distinct chunk, written wherever files need it."""
+    from trees import random_bytes, snapshot_tree
+
+    from pysrbup.client.backup import Backup
+    from pysrbup.client.restore import Restore
+
+    src = tmp_path / "src"
+    src.mkdir()
+    big = random_bytes(9 * 1024 * 1024, 5)  # several chunks
+    (src / "a.bin").write_bytes(big)
+    (src / "b.bin").write_bytes(big)  # the same chunks again
+    (src / "small.txt").write_text("one chunk\n")
+    (src / "empty").write_bytes(b"")
+    backup_id = Backup(served.remote, 2).run(str(src)).backup_id
+    job = Restore(served.remote, 2)
+    job.run(backup_id, str(tmp_path / "out"))
+    assert snapshot_tree(str(tmp_path / "out" / "src")) == snapshot_tree(str(src))
+    places = {oid: [(p[2], p[3], p[4]) for p in plan] for oid, plan in job._targets.items()}
+    per_file: dict[str, list[tuple[int, int]]] = {}
+    for plan in places.values():
+        for path, offset, size in plan:
+            per_file.setdefault(os.path.basename(path), []).append((offset, size))
+    for name in ("a.bin", "b.bin"):
+        spans = sorted(per_file[name])
+        assert len(spans) > 1 and spans[0][0] == 0
+        assert all(o1 + s1 == o2 for (o1, s1), (o2, _) in itertools.pairwise(spans))
+        assert spans[-1][0] + spans[-1][1] == len(big)
+    assert per_file["small.txt"] == [(-1, len("one chunk\n"))]  # created when its data comes
+    assert "empty" not in per_file  # nothing to fetch
+    shared = [plan for plan in places.values() if len(plan) == 2]
+    assert len(shared) == len(per_file["a.bin"])  # each chunk of the pair fetched once

@@ -69,15 +69,23 @@ def _kdf(passphrase: str, salt: bytes, n: int, r: int, p: int) -> bytes:
 # ---- passphrases ---------------------------------------------------------------
 
 
+def _first_line_of(variable: str) -> str | None:
+    """The first line of the file that environment ``variable`` names, if it is set."""
+    path = os.environ.get(variable)
+    if not path:
+        return None
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return handle.readline().rstrip("\r\n")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise KeyFileError(f"cannot read {variable} {path}: {exc}") from None
+
+
 def passphrase_from_environment() -> str | None:
     """The passphrase from PYSRBUP_PASSWORD_FILE or PYSRBUP_PASSWORD_COMMAND, if set."""
-    path = os.environ.get(ENV_PASSWORD_FILE)
-    if path:
-        try:
-            with open(path, encoding="utf-8") as handle:
-                return handle.readline().rstrip("\r\n")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise KeyFileError(f"cannot read {ENV_PASSWORD_FILE} {path}: {exc}") from None
+    from_file = _first_line_of(ENV_PASSWORD_FILE)
+    if from_file is not None:
+        return from_file
     command = os.environ.get(ENV_PASSWORD_COMMAND)
     if command:
         try:
@@ -107,13 +115,9 @@ def ask_passphrase(prompt: str, confirm: bool = False) -> str | None:
 
 def new_passphrase_for_change(path: str) -> str:
     """The new passphrase for ``key passwd``: PYSRBUP_NEW_PASSWORD_FILE, else the terminal."""
-    new_file = os.environ.get(ENV_NEW_PASSWORD_FILE)
-    if new_file:
-        try:
-            with open(new_file, encoding="utf-8") as handle:
-                return handle.readline().rstrip("\r\n")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise KeyFileError(f"cannot read {ENV_NEW_PASSWORD_FILE} {new_file}: {exc}") from None
+    from_file = _first_line_of(ENV_NEW_PASSWORD_FILE)
+    if from_file is not None:
+        return from_file
     if not sys.stdin.isatty():
         raise KeyFileError(
             f"no new passphrase: set {ENV_NEW_PASSWORD_FILE} or run this on a terminal"
