@@ -13,7 +13,7 @@ def random_bytes(size: int, seed: int) -> bytes:
 
 
 def make_full_tree(root: str, seed: int = 1) -> None:
-    """A tree with every kind of entry pysrbup restores, and one fifo it skips."""
+    """A tree with every kind of entry pysrbup restores, a FIFO among them."""
     os.makedirs(os.path.join(root, "sub", "deeper"))
     os.makedirs(os.path.join(root, "empty_dir"))
     with open(os.path.join(root, "big.bin"), "wb") as f:

@@ -99,6 +99,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tag", action="append", default=[], help="add a tag (repeatable)")
     p.add_argument("--host", help="record this host name instead of this machine's")
     p.add_argument("--time", help='record this time ("YYYY-MM-DD HH:MM:SS", local) instead of now')
+    p.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="leave out paths matching PATTERN (restic's patterns: * ? [..] within a name, "
+        "** across directories, a leading / anchors at the root; repeatable)",
+    )
+    p.add_argument(
+        "--iexclude", action="append", default=[], metavar="PATTERN", help="--exclude, any case"
+    )
+    p.add_argument(
+        "--exclude-file",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="patterns from FILE, one per line (# comments)",
+    )
+    p.add_argument(
+        "--exclude-caches",
+        action="store_true",
+        help="leave out the contents of directories holding a valid CACHEDIR.TAG",
+    )
+    p.add_argument(
+        "--exclude-if-present",
+        action="append",
+        default=[],
+        metavar="NAME[:HEADER]",
+        help="leave out the contents of directories holding NAME (starting with HEADER)",
+    )
+    p.add_argument(
+        "--exclude-larger-than", metavar="SIZE", help="leave out files larger than SIZE (1G, 500M)"
+    )
+    p.add_argument(
+        "--one-file-system",
+        action="store_true",
+        help="do not descend into other file systems (mount points are kept, empty)",
+    )
+    p.add_argument(
+        "--no-xattrs", action="store_true", help="do not back up extended attributes and ACLs"
+    )
 
     p = sub.add_parser("restore", help="restore a backup into a directory")
     p.add_argument("backup_id")
@@ -359,6 +400,7 @@ def cmd_init(args) -> int:
 
 def cmd_backup(args) -> int:
     from pysrbup.client.backup import Backup
+    from pysrbup.client.excludes import Excludes
     from pysrbup.client.progress import Progress
 
     key = _key(args.key_file, reads=False)
@@ -366,7 +408,18 @@ def cmd_backup(args) -> int:
         raise UsageError(f"{args.backup_dir} is not a directory")
     repo = _open_repo(args, key)
     with repo.conn:
-        job = Backup(repo, args.num_threads, Progress("backup"))
+        excludes = Excludes.from_options(
+            exclude=args.exclude,
+            iexclude=args.iexclude,
+            exclude_files=args.exclude_file,
+            exclude_caches=args.exclude_caches,
+            exclude_if_present=args.exclude_if_present,
+            exclude_larger_than=args.exclude_larger_than,
+            one_file_system=args.one_file_system,
+        )
+        job = Backup(
+            repo, args.num_threads, Progress("backup"), excludes=excludes, xattrs=not args.no_xattrs
+        )
         when = parse_time(args.time) if args.time else None
         result = job.run(args.backup_dir, tags=args.tag, host=args.host, time_ns=when)
     payload = result.as_dict()
@@ -382,8 +435,8 @@ def cmd_backup(args) -> int:
     )
     if result.errors:
         print(
-            f"pysrbup-client: warning: {len(result.errors)} file(s) could not be read "
-            "and are not in the backup",
+            f"pysrbup-client: warning: {len(result.errors)} file(s) could not be read, or "
+            "changed while read (named above); the backup holds what could be read",
             file=sys.stderr,
         )
         return IncompleteError.exit_code

@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 import zstandard
 
 from pysrbup._native import chunker
+from pysrbup.client.excludes import Excludes
 from pysrbup.client.filescache import FilesCache
 from pysrbup.client.idcache import IdCache
 from pysrbup.client.progress import Progress
@@ -198,9 +199,14 @@ class Backup:
         num_threads: int = 2,
         progress: Progress | None = None,
         warn: Callable[[str], None] | None = None,
+        excludes: Excludes | None = None,
+        xattrs: bool = True,
     ):
         tune_malloc()
         self.repo = repo
+        self._excludes = excludes or Excludes()
+        self._read_xattrs = xattrs
+        self._root_dev = -1
         self.key = repo._require_key()
         self.num_threads = max(1, num_threads)
         self.progress = progress or Progress("backup", enabled=False)
@@ -423,16 +429,29 @@ class Backup:
             return None
         ids: list[bytes] = []
         sizes: list[int] = []
+        steady = True
         try:
             with open(fd, "rb", buffering=0) as handle:
-                size = -1
-                if job.st.st_size <= SMALL_FILE:
-                    size = self._read_small(handle, job, ids, sizes)
-                if size < 0:
-                    handle.seek(0)
+                for attempt in range(2):  # a file that changed while read is read once more
+                    size = -1
                     ids.clear()
                     sizes.clear()
-                    size = self._read_blocks(handle, ids, sizes)
+                    if job.st.st_size <= SMALL_FILE:
+                        size = self._read_small(handle, job, ids, sizes)
+                    if size < 0:
+                        handle.seek(0)
+                        ids.clear()
+                        sizes.clear()
+                        size = self._read_blocks(handle, ids, sizes)
+                    after = os.fstat(handle.fileno())
+                    if (after.st_size, after.st_mtime_ns) == (size, job.st.st_mtime_ns):
+                        break
+                    job.st = after
+                    if attempt == 0:
+                        handle.seek(0)
+                        continue
+                    steady = False  # not worth a files cache entry: read it again next time
+                    self._error(f"{job.path} changed while it was read; stored as read")
         except OSError as exc:
             self._error(f"error reading {job.path}: {exc.strerror}")
             return None
@@ -445,7 +464,8 @@ class Backup:
             self.result.bytes_read += size
             self.result.bytes_hashed += size
         self.progress.add_file()
-        self._record_file(job, node.chunk_ids, node.chunk_sizes, size)
+        if steady:
+            self._record_file(job, node.chunk_ids, node.chunk_sizes, size)
         return node
 
     def _file_worker(self) -> None:
@@ -480,16 +500,24 @@ class Backup:
                 return
             parent, index, node = parent.parent, parent.index, parent.node
 
-    def _walk(self, path: str, node: repo_pb2.Node, parent: _Dir | None, index: int) -> None:
+    def _walk(
+        self,
+        path: str,
+        node: repo_pb2.Node,
+        parent: _Dir | None,
+        index: int,
+        descend: bool = True,
+    ) -> None:
         state = _Dir(node, parent, index)
-        try:
-            with os.scandir(path) as it:
-                entries = sorted(it, key=lambda e: os.fsencode(e.name))
-        except OSError as exc:
-            self._error(f"cannot read directory {path}: {exc.strerror}")
-            entries = []
-            if parent is None:
-                raise UsageError(f"cannot read directory {path}") from None
+        entries = []
+        if descend and not self._excludes.contents_excluded(path):
+            try:
+                with os.scandir(path) as it:
+                    entries = sorted(it, key=lambda e: os.fsencode(e.name))
+            except OSError as exc:
+                self._error(f"cannot read directory {path}: {exc.strerror}")
+                if parent is None:
+                    raise UsageError(f"cannot read directory {path}") from None
         state.nodes = [None] * len(entries)
         state.remaining += len(entries)
         now_ns = time.time_ns()
@@ -499,7 +527,25 @@ class Backup:
             self._dispatch(entry.path, os.fsencode(entry.name), state, i, now_ns)
         self._finish_entry(state, -1, None)
 
+    def _xattrs(self, path: str, node: repo_pb2.Node) -> None:
+        """Adds the extended attributes of ``path`` (not followed) to ``node``."""
+        if not self._read_xattrs:
+            return
+        try:
+            names = os.listxattr(path, follow_symlinks=False)
+        except OSError:
+            return  # not supported here, or not allowed: nothing to keep
+        for attr in sorted(names):
+            try:
+                value = os.getxattr(path, attr, follow_symlinks=False)
+            except OSError:
+                continue
+            node.xattrs.add(name=os.fsencode(attr), value=value)
+
     def _dispatch(self, path: str, name: bytes, state: _Dir, index: int, now_ns: int) -> None:
+        if self._excludes.excluded(path):
+            self._finish_entry(state, index, None)
+            return
         try:
             st = os.lstat(path)
         except OSError as exc:
@@ -507,9 +553,15 @@ class Backup:
             self._finish_entry(state, index, None)
             return
         mode = st.st_mode
+        if stat.S_ISREG(mode) and self._excludes.too_large(st.st_size):
+            self._finish_entry(state, index, None)
+            return
         if stat.S_ISREG(mode):
             node = _base_node(name, st, repo_pb2.NODE_FILE)
             node.user, node.group = self._owner(st)
+            if st.st_nlink > 1:  # restored as hard links to one another
+                node.device, node.inode, node.links = st.st_dev, st.st_ino, st.st_nlink
+            self._xattrs(path, node)
             path_b = os.fsencode(path)
             if self._cached_node(path_b, st, node):
                 with self._lock:
@@ -523,18 +575,34 @@ class Backup:
         elif stat.S_ISDIR(mode):
             node = _base_node(name, st, repo_pb2.NODE_DIR)
             node.user, node.group = self._owner(st)
-            self._walk(path, node, state, index)
+            self._xattrs(path, node)
+            other_fs = self._excludes.one_file_system and st.st_dev != self._root_dev
+            self._walk(path, node, state, index, descend=not other_fs)
         elif stat.S_ISLNK(mode):
             node = _base_node(name, st, repo_pb2.NODE_SYMLINK)
             node.user, node.group = self._owner(st)
+            self._xattrs(path, node)
             try:
                 node.link_target = os.fsencode(os.readlink(path))
             except OSError as exc:
                 self._error(f"cannot read link {path}: {exc.strerror}")
                 node = None
             self._finish_entry(state, index, node)
+        elif stat.S_ISFIFO(mode) or stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+            kind = (
+                repo_pb2.NODE_FIFO
+                if stat.S_ISFIFO(mode)
+                else repo_pb2.NODE_CHARDEV
+                if stat.S_ISCHR(mode)
+                else repo_pb2.NODE_BLOCKDEV
+            )
+            node = _base_node(name, st, kind)
+            node.user, node.group = self._owner(st)
+            node.rdev = st.st_rdev if kind != repo_pb2.NODE_FIFO else 0
+            self._xattrs(path, node)
+            self._finish_entry(state, index, node)
         else:
-            self.warn(f"skipping special file {path}")
+            self.warn(f"skipping socket {path}")
             self._finish_entry(state, index, None)
 
     def _owner(self, st: os.stat_result) -> tuple[str, str]:
@@ -586,6 +654,8 @@ class Backup:
                     os.fsencode(os.path.basename(source) or "root"), st, repo_pb2.NODE_DIR
                 )
                 root.user, root.group = self._owner(st)
+                self._root_dev = st.st_dev
+                self._xattrs(source, root)
                 self._walk(source, root, None, -1)
             except BaseException as exc:
                 self._fail(exc)

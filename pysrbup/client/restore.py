@@ -53,6 +53,8 @@ FETCH_BYTES = 64 * 1024 * 1024
 PREFETCH_BYTES = 24 * 1024 * 1024
 #: Small records count as this much, so at most a few hundred are in flight.
 MIN_RECORD_COST = 64 * 1024
+#: All-zero chunks at least this big are left as holes (smaller ones cost less to write).
+SPARSE_MIN = 64 * 1024
 
 
 class _ByteBudget:
@@ -85,6 +87,7 @@ class RestoreResult:
     files: int = 0
     dirs: int = 0
     symlinks: int = 0
+    specials: int = 0
     bytes_written: int = 0
     damaged: list[str] = field(default_factory=list)
 
@@ -95,6 +98,7 @@ class RestoreResult:
             "files": self.files,
             "dirs": self.dirs,
             "symlinks": self.symlinks,
+            "specials": self.specials,
             "bytes_written": self.bytes_written,
             "damaged": self.damaged,
         }
@@ -135,6 +139,9 @@ class Restore:
         #: (directory, path, node, depth) of every directory restored.
         self._dirs: list[tuple[int, str, repo_pb2.Node, int]] = []
         self._damaged: set[str] = set()
+        #: (device, inode) of a hard-linked file -> where its first path was restored.
+        self._first_links: dict[tuple[int, int], tuple[int, bytes]] = {}
+        self._warned: set[str] = set()
         self._lock = threading.Lock()
 
     # ---- trees -----------------------------------------------------------
@@ -243,7 +250,10 @@ class Restore:
                 chunks = tree.file_chunks(node, printable(path))
                 if not fresh:
                     self._clear(dir_fd, name, path, "file")
-                if len(chunks) == 1:
+                if node.links > 1 and self._link_to_earlier(dir_fd, dir_index, name, node):
+                    self.result.files += 1
+                    return
+                if len(chunks) == 1 and node.links <= 1:
                     # One chunk: the file is created when its data arrives (one
                     # open instead of two; file creation dominates small files).
                     oid, offset, size = chunks[0]
@@ -253,10 +263,13 @@ class Restore:
                     try:
                         if node.size:
                             os.ftruncate(fd, node.size)
+                        self._apply_xattrs(fd, node, path)
                         if not chunks:  # empty: complete already
                             self._apply_meta(fd, node, path)
                     finally:
                         os.close(fd)
+                    if node.links > 1:
+                        self._first_links[(node.device, node.inode)] = (dir_index, name)
                     if chunks:
                         for oid, offset, size in chunks:
                             self._targets[oid].append((dir_index, name, path, offset, size, None))
@@ -268,12 +281,74 @@ class Restore:
                 os.symlink(node.link_target, name, dir_fd=dir_fd)
                 self._apply_link_meta(dir_fd, name, path, node)
                 self.result.symlinks += 1
+            elif node.type in (
+                repo_pb2.NODE_FIFO,
+                repo_pb2.NODE_CHARDEV,
+                repo_pb2.NODE_BLOCKDEV,
+            ):
+                self._make_special(dir_fd, name, path, node, fresh)
             else:
                 self.warn(f"skipping {printable(path)}: unknown entry type {node.type}")
         except FileExistsError:
             raise _exists(path) from None
         except OSError as exc:
             raise PysrbupError(f"cannot create {printable(path)}: {exc.strerror}") from None
+
+    def _link_to_earlier(self, dir_fd: int, dir_index: int, name: bytes, node) -> bool:
+        """Makes ``name`` a hard link to the file restored for the same inode; False if first."""
+        first = self._first_links.get((node.device, node.inode))
+        if first is None:
+            return False
+        first_index, first_name = first
+        assert self._table is not None
+        src_fd = self._table.acquire(first_index)
+        try:
+            os.link(first_name, name, src_dir_fd=src_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
+        finally:
+            self._table.release(first_index)
+        return True
+
+    def _make_special(self, dir_fd: int, name: bytes, path: str, node, fresh: bool) -> None:
+        """A FIFO, or (as root) a character or block device."""
+        if not fresh:
+            self._clear(dir_fd, name, path, "special file")
+        if node.type == repo_pb2.NODE_FIFO:
+            os.mkfifo(name, 0o600, dir_fd=dir_fd)
+        elif not self._as_root:
+            self._warn_once("device", f"not restoring device {printable(path)}: needs root")
+            return
+        else:
+            kind = stat.S_IFCHR if node.type == repo_pb2.NODE_CHARDEV else stat.S_IFBLK
+            os.mknod(name, kind | 0o600, node.rdev, dir_fd=dir_fd)
+        try:
+            if self._as_root:
+                os.chown(name, node.uid, node.gid, dir_fd=dir_fd, follow_symlinks=False)
+            os.chmod(name, node.mode, dir_fd=dir_fd)
+            os.utime(name, ns=(node.mtime_ns, node.mtime_ns), dir_fd=dir_fd)
+        except OSError as exc:
+            self.warn(f"cannot set metadata of {printable(path)}: {exc.strerror}")
+        self.result.specials += 1
+
+    def _warn_once(self, kind: str, message: str) -> None:
+        with self._lock:
+            if kind in self._warned:
+                return
+            self._warned.add(kind)
+        self.warn(message + " (said once for all such entries)")
+
+    def _apply_xattrs(self, fd: int, node: repo_pb2.Node, path: str) -> None:
+        """Sets the node's extended attributes on ``fd``; one warning per kind refused."""
+        for attr in node.xattrs:
+            name = os.fsdecode(attr.name)
+            try:
+                os.setxattr(fd, name, attr.value)
+            except OSError as exc:
+                kind = name.split(".", 1)[0]
+                self._warn_once(
+                    f"xattr {kind}",
+                    f"cannot restore {kind}.* extended attributes (e.g. on {printable(path)}): "
+                    f"{exc.strerror}",
+                )
 
     # ---- data ------------------------------------------------------------
 
@@ -289,6 +364,9 @@ class Restore:
             data = None
         table = self._table
         assert table is not None
+        # An all-zero chunk is not written into a file that was sized with
+        # ftruncate: the file keeps a hole there (sparse files come back sparse).
+        sparse = data is not None and len(data) >= SPARSE_MIN and data.count(0) == len(data)
         for dir_index, name, path, offset, size, whole in places:
             good = data is not None and len(data) == size
             if not good:
@@ -307,9 +385,12 @@ class Restore:
                             os.pwrite(fd, data, 0)
                         else:  # it still exists, sized, as before
                             os.ftruncate(fd, size)
+                        self._apply_xattrs(fd, whole, path)
                         self._apply_meta(fd, whole, path)
                     finally:
                         os.close(fd)
+                elif sparse:  # a run of zeros in a pre-sized file: leave the hole
+                    pass
                 else:
                     fd = os.open(name, WRITE_FLAGS, dir_fd=dir_fd)
                     try:
@@ -451,6 +532,7 @@ class Restore:
             self.warn(f"cannot set metadata of {printable(path)}: {exc.strerror}")
             return
         try:
+            self._apply_xattrs(fd, node, path)
             self._apply_meta(fd, node, path)
         finally:
             self._table.release(index)
