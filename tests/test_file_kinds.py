@@ -319,3 +319,31 @@ def test_sparse_files_come_back_sparse(tmp_path, client, key_file, server):
             if not x:
                 break
     assert os.stat(restored).st_blocks * 512 < 16 * 1024 * 1024
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to own files and add a user")
+def test_owners_by_name_where_it_exists_else_by_id(tmp_path, client, key_file):
+    if not (shutil.which("useradd") and shutil.which("usermod") and shutil.which("userdel")):
+        pytest.skip("useradd/usermod/userdel are missing")
+    user = f"psb{os.getpid() % 100000}"
+    if subprocess.run(["useradd", "-M", "-u", "54321", user], capture_output=True).returncode:
+        pytest.skip("cannot add a user here")
+    try:
+        src = tmp_path / "src"
+        src.mkdir()
+        (src / "named.txt").write_text("owned by a named user\n")
+        (src / "unnamed.txt").write_text("owned by an id without a name\n")
+        os.chown(src / "named.txt", 54321, 54321)
+        os.chown(src / "unnamed.txt", 45678, 45678)
+        backup_id = backup_id_in(client.run("backup", str(src), key_file, check=True).stdout)
+        # The same name has another id on the machine restored to.
+        subprocess.run(["usermod", "-u", "54322", user], check=True, capture_output=True)
+        by_name = tmp_path / "by-name"
+        _restore(client, backup_id, by_name, key_file)
+        assert os.stat(by_name / "src" / "named.txt").st_uid == 54322
+        assert os.stat(by_name / "src" / "unnamed.txt").st_uid == 45678
+        numeric = tmp_path / "numeric"
+        client.run("restore", backup_id, str(numeric), key_file, "--numeric-owner", check=True)
+        assert os.stat(numeric / "src" / "named.txt").st_uid == 54321
+    finally:
+        subprocess.run(["userdel", user], capture_output=True)

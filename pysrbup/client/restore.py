@@ -118,9 +118,11 @@ class Restore:
         force: bool = False,
         progress: Progress | None = None,
         warn: Callable[[str], None] | None = None,
+        numeric_owner: bool = False,
     ):
         tune_malloc(RESTORE_MMAP_THRESHOLD)
         self.repo = repo
+        self.numeric_owner = numeric_owner
         self.opener = repo.opener
         self.num_threads = max(1, num_threads)
         self.force = force
@@ -142,6 +144,7 @@ class Restore:
         #: (device, inode) of a hard-linked file -> where its first path was restored.
         self._first_links: dict[tuple[int, int], tuple[int, bytes]] = {}
         self._warned: set[str] = set()
+        self._owners: dict[tuple, tuple[int, int]] = {}
         self._lock = threading.Lock()
 
     # ---- trees -----------------------------------------------------------
@@ -322,12 +325,36 @@ class Restore:
             os.mknod(name, kind | 0o600, node.rdev, dir_fd=dir_fd)
         try:
             if self._as_root:
-                os.chown(name, node.uid, node.gid, dir_fd=dir_fd, follow_symlinks=False)
+                os.chown(name, *self._owner(node), dir_fd=dir_fd, follow_symlinks=False)
             os.chmod(name, node.mode, dir_fd=dir_fd)
             os.utime(name, ns=(node.mtime_ns, node.mtime_ns), dir_fd=dir_fd)
         except OSError as exc:
             self.warn(f"cannot set metadata of {printable(path)}: {exc.strerror}")
         self.result.specials += 1
+
+    def _owner(self, node: repo_pb2.Node) -> tuple[int, int]:
+        """(uid, gid) to restore: by name when the name exists here, else by id (restic's rule).
+
+        ``numeric_owner`` uses the ids as recorded.
+        """
+        if self.numeric_owner:
+            return node.uid, node.gid
+        key = (node.user, node.group, node.uid, node.gid)
+        found = self._owners.get(key)
+        if found is None:
+            import grp
+            import pwd
+
+            try:
+                uid = pwd.getpwnam(node.user).pw_uid if node.user else node.uid
+            except KeyError:
+                uid = node.uid
+            try:
+                gid = grp.getgrnam(node.group).gr_gid if node.group else node.gid
+            except KeyError:
+                gid = node.gid
+            found = self._owners[key] = (uid, gid)
+        return found
 
     def _warn_once(self, kind: str, message: str) -> None:
         with self._lock:
@@ -489,7 +516,7 @@ class Restore:
         """Sets owner (as root), mode and mtime of the file or directory open as ``fd``."""
         try:
             if self._as_root:
-                os.chown(fd, node.uid, node.gid)
+                os.chown(fd, *self._owner(node))
             os.chmod(fd, node.mode)
             os.utime(fd, ns=(node.mtime_ns, node.mtime_ns))
         except OSError as exc:
@@ -499,7 +526,7 @@ class Restore:
         """Sets owner (as root) and mtime of the symlink itself."""
         try:
             if self._as_root:
-                os.chown(name, node.uid, node.gid, dir_fd=dir_fd, follow_symlinks=False)
+                os.chown(name, *self._owner(node), dir_fd=dir_fd, follow_symlinks=False)
             os.utime(name, ns=(node.mtime_ns, node.mtime_ns), dir_fd=dir_fd, follow_symlinks=False)
         except OSError as exc:
             self.warn(f"cannot set metadata of {printable(path)}: {exc.strerror}")
