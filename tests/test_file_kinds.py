@@ -347,3 +347,30 @@ def test_owners_by_name_where_it_exists_else_by_id(tmp_path, client, key_file):
         assert os.stat(numeric / "src" / "named.txt").st_uid == 54321
     finally:
         subprocess.run(["userdel", user], capture_output=True)
+
+
+def test_backup_from_standard_input(tmp_path, client, key_file):
+    data = random_bytes(9 * 1024 * 1024, 11) + b"-- end of dump --\n"
+    proc = subprocess.run(
+        client.command("backup", "--stdin", "--stdin-filename", "db.sql", key_file),
+        input=data,
+        capture_output=True,
+        env=client.env,
+        check=True,
+    )
+    backup_id = backup_id_in(proc.stdout.decode())
+    out = tmp_path / "out"
+    _restore(client, backup_id, out, key_file)
+    assert (out / "db.sql").read_bytes() == data
+    again = subprocess.run(
+        client.command("--json", "backup", "--stdin", "--stdin-filename", "db.sql", key_file),
+        input=data,
+        capture_output=True,
+        env=client.env,
+        check=True,
+    )
+    import json
+
+    assert json.loads(again.stdout)["bytes_new"] < 1000  # only a new root tree: data deduplicated
+    bad = client.run("backup", "--stdin", "--stdin-filename", "a/b", key_file, input="x")
+    assert bad.returncode == 2 and "invalid --stdin-filename" in bad.stderr

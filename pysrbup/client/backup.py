@@ -684,7 +684,6 @@ class Backup:
         ``tags``, ``host`` and ``time_ns`` go into the snapshot record (restic's
         ``--tag``, ``--host``, ``--time``); host and time default to this machine and now.
         """
-        started = time.monotonic()
         source = os.path.abspath(source)
         try:
             st = os.stat(source)
@@ -692,6 +691,61 @@ class Backup:
             raise UsageError(f"cannot back up {source}: {exc.strerror}") from None
         if not stat.S_ISDIR(st.st_mode):
             raise UsageError(f"{source} is not a directory")
+        threading.Thread(target=self._count_total, args=(source,), daemon=True).start()
+        return self._run(
+            os.fsencode(source), lambda: self._run_pipeline(source, st), tags, host, time_ns
+        )
+
+    def run_stream(
+        self,
+        stream,
+        name: str,
+        tags: list[str] | None = None,
+        host: str | None = None,
+        time_ns: int | None = None,
+    ) -> BackupResult:
+        """Backs up what ``stream`` yields (e.g. stdin) as one file called ``name``.
+
+        The snapshot's path is ``/name`` and its root holds just that file, as
+        restic's ``backup --stdin --stdin-filename`` does.
+        """
+        if not name or "/" in name or name in (".", ".."):
+            raise UsageError(f"invalid --stdin-filename {name!r}: one file name, no slashes")
+        return self._run(
+            os.fsencode("/" + name), lambda: self._stream_node(stream, name), tags, host, time_ns
+        )
+
+    def _stream_node(self, stream, name: str) -> repo_pb2.Node:
+        """The file node of everything read from ``stream``, chunked like any big file."""
+        now = time.time_ns()
+        node = repo_pb2.Node(
+            name=os.fsencode(name),
+            type=repo_pb2.NODE_FILE,
+            mode=0o600,
+            uid=os.getuid(),
+            gid=os.getgid(),
+            mtime_ns=now,
+        )
+        self._blocks = queue.LifoQueue()
+        self._blocks_made = 0
+        self._blocks_max = 2 * self.num_threads
+        ids: list[bytes] = []
+        sizes: list[int] = []
+        with ThreadPoolExecutor(self.num_threads, thread_name_prefix="pysrbup-seal") as seals:
+            self._seals = seals
+            size = self._read_blocks(stream, ids, sizes)
+        if self._fatal is not None:
+            raise self._fatal
+        node.size = size
+        node.chunk_ids = b"".join(ids)
+        node.chunk_sizes = tree.pack_sizes(sizes)
+        self.result.files = 1
+        self.result.bytes_read = self.result.bytes_hashed = size
+        return node
+
+    def _run(self, source_b: bytes, make_root, tags, host, time_ns) -> BackupResult:
+        """A backup session around ``make_root()`` (the root node), committed as a snapshot."""
+        started = time.monotonic()
         repo = self.repo
         repo.ensure_initialised()
         cache = IdCache(repo.repo_id)
@@ -705,9 +759,8 @@ class Backup:
         self._uploader = Uploader(
             repo.conn, self._sessions, on_durable=self._on_durable, warn=self.warn
         )
-        threading.Thread(target=self._count_total, args=(source,), daemon=True).start()
         try:
-            root = self._run_pipeline(source, st)
+            root = make_root()
             root_tree = self._store(tree.serialize([root]))
             stats = self._uploader.finish()
             self.result.bytes_sent = stats.bytes_sent
@@ -720,7 +773,7 @@ class Backup:
                 tags=snapshot.normal_tags(tags or []),
                 hostname=socket.gethostname() if host is None else host,
                 username=getpass.getuser(),
-                source_path=os.fsencode(source),
+                source_path=source_b,
                 root_tree=root_tree,
                 files=self.result.files,
                 dirs=self.result.dirs,
@@ -732,7 +785,7 @@ class Backup:
             backup_id, sealed = snapshot.seal_snapshot(self._sealer, record)
             self._confirm_deduplicated(cache)
             self._commit(cache, backup_id, sealed)
-            self._files.compact(os.fsencode(source))
+            self._files.compact(source_b)
         except BaseException:
             self._abort()
             raise
