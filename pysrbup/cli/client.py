@@ -93,9 +93,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     key_help = f"key file (env {ENV_KEY_FILE})"
-    p = sub.add_parser("backup", help="back up a directory")
-    p.add_argument("backup_dir")
+    p = sub.add_parser("backup", help="back up a directory (or standard input: --stdin)")
+    p.add_argument("backup_dir", nargs="?", help="the directory (not with --stdin)")
     p.add_argument("key_file", nargs="?", help=key_help)
+    p.add_argument(
+        "--stdin",
+        action="store_true",
+        help="back up standard input as one file (backup --stdin [KEY_FILE])",
+    )
+    p.add_argument("--stdin-filename", default="stdin", help="its name (default stdin)")
     p.add_argument("--tag", action="append", default=[], help="add a tag (repeatable)")
     p.add_argument("--host", help="record this host name instead of this machine's")
     p.add_argument("--time", help='record this time ("YYYY-MM-DD HH:MM:SS", local) instead of now')
@@ -146,6 +152,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("restore_dir")
     p.add_argument("key_file", nargs="?", help=key_help)
     p.add_argument("--force", action="store_true", help="overwrite existing files")
+    p.add_argument(
+        "--numeric-owner",
+        action="store_true",
+        help="as root, restore owners by the recorded ids (default: by name where it exists)",
+    )
 
     p = sub.add_parser(
         "delete",
@@ -245,6 +256,44 @@ def build_parser() -> argparse.ArgumentParser:
         "or the terminal)",
     )
     k.add_argument("key_file", nargs="?", help=key_help)
+
+    p = sub.add_parser(
+        "ls",
+        help="list the entries of a directory of a backup (--json: one object per line)",
+    )
+    p.add_argument("backup_id")
+    p.add_argument("path", nargs="?", default="", help="relative to the backed-up directory")
+    p.add_argument("--key-file", help=key_help)
+    p.add_argument("--recursive", "-r", action="store_true", help="also everything below")
+    p.add_argument("--long", "-l", action="store_true", help="type, mode, owner, size, mtime")
+
+    p = sub.add_parser(
+        "find",
+        help="which backups hold paths matching a pattern, newest first",
+        description="A pattern without / is a glob (* ? [..]) on names at any depth; one with / "
+        "on the whole path from the backed-up directory (* within one name, ** across "
+        "directories), so only the directories it can match are read.",
+    )
+    p.add_argument("patterns", nargs="+", metavar="PATTERN")
+    p.add_argument("--key-file", help=key_help)
+    p.add_argument("--backup", action="append", default=[], metavar="ID", help="only these backups")
+    _add_filters(p)
+
+    p = sub.add_parser(
+        "dump", help="write a file of a backup to stdout, or a directory as a tar (or zip) stream"
+    )
+    p.add_argument("backup_id")
+    p.add_argument("path", help="relative to the backed-up directory ('' or / for all of it)")
+    p.add_argument("--key-file", help=key_help)
+    p.add_argument("--archive", choices=("tar", "zip"), default="tar", help="for directories")
+
+    p = sub.add_parser(
+        "diff",
+        help="what changed between two backups: + added, - removed, M content, U metadata, T type",
+    )
+    p.add_argument("old_backup_id")
+    p.add_argument("new_backup_id")
+    p.add_argument("--key-file", help=key_help)
 
     p = sub.add_parser("generate_key", help="create a new key")
     p.add_argument("key_file", nargs="?", help="where to write it (default: print it)")
@@ -403,8 +452,14 @@ def cmd_backup(args) -> int:
     from pysrbup.client.excludes import Excludes
     from pysrbup.client.progress import Progress
 
+    if args.stdin:  # backup --stdin [KEY_FILE]: the one positional is the key file
+        if args.backup_dir and args.key_file:
+            raise UsageError("backup --stdin takes no directory")
+        args.key_file, args.backup_dir = args.key_file or args.backup_dir, None
+    elif not args.backup_dir:
+        raise UsageError("backup needs a directory (or --stdin)")
     key = _key(args.key_file, reads=False)
-    if not os.path.isdir(args.backup_dir):
+    if not args.stdin and not os.path.isdir(args.backup_dir):
         raise UsageError(f"{args.backup_dir} is not a directory")
     repo = _open_repo(args, key)
     with repo.conn:
@@ -421,7 +476,11 @@ def cmd_backup(args) -> int:
             repo, args.num_threads, Progress("backup"), excludes=excludes, xattrs=not args.no_xattrs
         )
         when = parse_time(args.time) if args.time else None
-        result = job.run(args.backup_dir, tags=args.tag, host=args.host, time_ns=when)
+        meta = {"tags": args.tag, "host": args.host, "time_ns": when}
+        if args.stdin:
+            result = job.run_stream(sys.stdin.buffer, args.stdin_filename, **meta)
+        else:
+            result = job.run(args.backup_dir, **meta)
     payload = result.as_dict()
     _emit(
         args,
@@ -450,7 +509,13 @@ def cmd_restore(args) -> int:
     key = _key(args.key_file)
     repo = _open_repo(args, key)
     with repo.conn:
-        job = Restore(repo, args.num_threads, force=args.force, progress=Progress("restore"))
+        job = Restore(
+            repo,
+            args.num_threads,
+            force=args.force,
+            progress=Progress("restore"),
+            numeric_owner=args.numeric_owner,
+        )
         try:
             result = job.run(args.backup_id, args.restore_dir)
         except IncompleteError:
@@ -772,6 +837,128 @@ def cmd_check(args) -> int:
     return EXIT_OK
 
 
+def _stdout_closed() -> int:
+    """The reader of stdout went away (``| head``): stop quietly, as ls and cat do."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())  # so that flushing at exit does not fail again
+    os.close(devnull)
+    return 141  # 128 + SIGPIPE: what a shell reports for a process SIGPIPE ended
+
+
+def _print_lines(lines) -> int:
+    """Prints each line as it comes (``ls``, ``find`` and ``diff`` stream their output)."""
+    try:
+        for line in lines:
+            print(line)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        return _stdout_closed()
+    return EXIT_OK
+
+
+def cmd_ls(args) -> int:
+    from pysrbup.client import browse
+    from pysrbup.textsafe import printable
+
+    repo = _open_repo(args, _key(args.key_file))
+    with repo.conn:
+        backup_id, record = browse.open_backup(repo, args.backup_id)
+        trees = browse.Trees(repo)
+        entries = browse.list_entries(trees, record, backup_id, args.path, args.recursive)
+        if args.json:
+            return _print_lines(json.dumps(browse.entry_dict(p, n)) for p, n in entries)
+        show = browse.long_line if args.long else lambda path, node: browse.shown(path)
+        return _print_lines(printable(show(p, n)) for p, n in entries)
+
+
+def cmd_find(args) -> int:
+    from pysrbup.client import browse
+    from pysrbup.client.selection import open_all, select
+    from pysrbup.textsafe import printable
+
+    repo = _open_repo(args, _key(args.key_file))
+    with repo.conn:
+        backups = select(open_all(repo), args.tag, args.host, args.path)
+        if args.backup:
+            wanted = {repo.find_snapshot(b).snapshot_id for b in args.backup}
+            backups = [b for b in backups if b.id in wanted]
+        backups.sort(key=lambda b: (b.record.time_ns, b.id), reverse=True)  # newest first
+        found = browse.find(browse.Trees(repo), [(b.id, b.record) for b in backups], args.patterns)
+        if args.json:
+            return _print_lines(
+                json.dumps(
+                    {
+                        "backup_id": f.backup_id,
+                        "backup_time": iso_time(f.record.time_ns),
+                        **browse.entry_dict(f.path, f.node),
+                    }
+                )
+                for f in found
+            )
+        return _print_lines(
+            printable(
+                f"{f.backup_id}  {browse.type_name(f.node):<8} {f.node.size:>12}  "
+                f"{iso_time(f.node.mtime_ns)}  {browse.shown(f.path)}"
+            )
+            for f in found
+        )
+
+
+def cmd_dump(args) -> int:
+    from pysrbup.client import browse
+    from pysrbup.memtune import RESTORE_MMAP_THRESHOLD, tune_malloc
+
+    tune_malloc(RESTORE_MMAP_THRESHOLD)  # before gRPC starts its threads (and their arenas)
+    repo = _open_repo(args, _key(args.key_file))
+    with repo.conn:
+        backup_id, record = browse.open_backup(repo, args.backup_id)
+        out = sys.stdout.buffer
+        try:
+            browse.dump(browse.Trees(repo), record, backup_id, args.path, out, args.archive, _warn)
+            out.flush()
+        except BrokenPipeError:
+            return _stdout_closed()
+    return EXIT_OK
+
+
+def cmd_diff(args) -> int:
+    from pysrbup.client import browse
+    from pysrbup.textsafe import printable
+
+    repo = _open_repo(args, _key(args.key_file))
+    with repo.conn:
+        old_id, old = browse.open_backup(repo, args.old_backup_id)
+        new_id, new = browse.open_backup(repo, args.new_backup_id)
+        diff = browse.Diff(browse.Trees(repo), old, new)
+
+        def lines():
+            for change in diff.changes():
+                if args.json:
+                    yield json.dumps(
+                        {
+                            "message_type": "change",
+                            "path": change.shown,
+                            "modifier": change.modifier,
+                            "type": browse.type_name(change.node),
+                        }
+                    )
+                else:
+                    yield printable(f"{change.modifier} {change.shown}")
+            s = diff.stats
+            if args.json:
+                yield json.dumps(
+                    {"message_type": "statistics", "old": old_id, "new": new_id, **s.as_dict()}
+                )
+            else:
+                yield (
+                    f"{s.added} added, {s.removed} removed, {s.changed} changed, "
+                    f"{s.metadata} metadata only, {s.type_changed} type changed; data "
+                    f"{human_bytes(s.bytes_added)} added, {human_bytes(s.bytes_removed)} removed"
+                )
+
+        return _print_lines(lines())
+
+
 COMMANDS = {
     "backup": cmd_backup,
     "restore": cmd_restore,
@@ -783,6 +970,10 @@ COMMANDS = {
     "tag": cmd_tag,
     "stats": cmd_stats,
     "forget": cmd_forget,
+    "ls": cmd_ls,
+    "find": cmd_find,
+    "dump": cmd_dump,
+    "diff": cmd_diff,
     "generate_key": cmd_generate_key,
 }
 
