@@ -153,6 +153,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("key_file", nargs="?", help=key_help)
     p.add_argument("--force", action="store_true", help="overwrite existing files")
     p.add_argument(
+        "--include",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="restore only paths matching PATTERN (matched against the path below restore_dir, "
+        "e.g. src/sub/file; the --exclude pattern language of backup; repeatable)",
+    )
+    p.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="do not restore paths matching PATTERN (and nothing below them)",
+    )
+    p.add_argument(
         "--numeric-owner",
         action="store_true",
         help="as root, restore owners by the recorded ids (default: by name where it exists)",
@@ -515,6 +530,8 @@ def cmd_restore(args) -> int:
             force=args.force,
             progress=Progress("restore"),
             numeric_owner=args.numeric_owner,
+            includes=args.include,
+            excludes=args.exclude,
         )
         try:
             result = job.run(args.backup_id, args.restore_dir)

@@ -30,6 +30,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from pysrbup.client.excludes import Pattern
 from pysrbup.client.progress import Progress
 from pysrbup.client.repository import FETCH_IDS, RemoteRepository
 from pysrbup.client.safefs import (
@@ -89,6 +90,7 @@ class RestoreResult:
     symlinks: int = 0
     specials: int = 0
     bytes_written: int = 0
+    bytes_fetched: int = 0
     damaged: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
@@ -99,6 +101,7 @@ class RestoreResult:
             "dirs": self.dirs,
             "symlinks": self.symlinks,
             "specials": self.specials,
+            "bytes_fetched": self.bytes_fetched,
             "bytes_written": self.bytes_written,
             "damaged": self.damaged,
         }
@@ -119,6 +122,8 @@ class Restore:
         progress: Progress | None = None,
         warn: Callable[[str], None] | None = None,
         numeric_owner: bool = False,
+        includes: list[str] | None = None,
+        excludes: list[str] | None = None,
     ):
         tune_malloc(RESTORE_MMAP_THRESHOLD)
         self.repo = repo
@@ -145,25 +150,90 @@ class Restore:
         self._first_links: dict[tuple[int, int], tuple[int, bytes]] = {}
         self._warned: set[str] = set()
         self._owners: dict[tuple, tuple[int, int]] = {}
+        self._includes = [Pattern(p) for p in includes or []]
+        self._excludes = [Pattern(p) for p in excludes or []]
+        #: Relative paths to restore (None: everything).
+        self._wanted: set[str] | None = None
+        self._tree_cache: dict[bytes, bytes] = {}
         self._lock = threading.Lock()
 
     # ---- trees -----------------------------------------------------------
 
     def _fetch_objects(self, oids: list[bytes]):
-        """Yields (id, plaintext or None) for ``oids``; None when missing or damaged."""
-        for oid, plain, problem in self.repo.fetch_objects(oids):
+        """Yields (id, plaintext or None) for ``oids``; None when missing or damaged.
+
+        Trees the selection pass already fetched come from its cache.
+        """
+        wanted = []
+        for oid in oids:
+            if oid in self._tree_cache:
+                yield oid, self._tree_cache.pop(oid)
+            else:
+                wanted.append(oid)
+        for oid, plain, problem in self.repo.fetch_objects(wanted):
             if plain is None:
                 self.warn(problem)
+            else:
+                self.result.bytes_fetched += len(plain)
             yield oid, plain
+
+    def _select(self, root_nodes: list[repo_pb2.Node]) -> None:
+        """With --include/--exclude: which paths to restore, walking only the trees needed.
+
+        Paths are relative to the restore target (``src/sub/file``). A path is
+        restored when no exclude pattern matches it and, if there are include
+        patterns, one matches it or a directory above it; directories on the
+        way to a restored path are restored too. The trees fetched are kept
+        for the restore itself.
+        """
+        level = [("", node, False) for node in root_nodes]
+        while level:
+            descend = []
+            for parent, node, included in level:
+                path = f"{parent}/{os.fsdecode(node.name)}" if parent else os.fsdecode(node.name)
+                parts = path.split("/")
+                if any(p.matches(parts) for p in self._excludes):
+                    continue  # and nothing below it
+                here = (
+                    included or not self._includes or any(p.matches(parts) for p in self._includes)
+                )
+                if here:
+                    self._mark(path)
+                if node.type == repo_pb2.NODE_DIR:
+                    descend.append((path, node, here))
+            plains = dict(self._fetch_trees([node.subtree for _, node, _ in descend]))
+            level = []
+            for path, node, here in descend:
+                plain = plains.get(node.subtree)
+                if plain is not None:
+                    level += [(path, child, here) for child in tree.parse(plain, path).nodes]
+
+    def _fetch_trees(self, oids: list[bytes]):
+        """Fetches tree objects for the selection pass and keeps them for the restore."""
+        for oid, plain in self._fetch_objects(list(dict.fromkeys(oids))):
+            if plain is not None:
+                self._tree_cache[oid] = plain
+            yield oid, plain
+
+    def _mark(self, path: str) -> None:
+        """Restores ``path`` and the directories above it."""
+        while path and path not in self._wanted:
+            self._wanted.add(path)
+            path = os.path.dirname(path)
 
     def _damage(self, path: str) -> None:
         with self._lock:
             self._damaged.add(path)
 
-    def _create_tree(self, root_tree: bytes, target: str) -> None:
+    def _create_tree(
+        self, root_tree: bytes, target: str, root_nodes: list[repo_pb2.Node] | None = None
+    ) -> None:
+        """Creates the entries of ``root_tree`` (or ``root_nodes``) in ``target``, and below."""
         assert self._table is not None
         # (directory, path, tree id, created empty by this run, depth)
         level: list[tuple[int, str, bytes, bool, int]] = [(ROOT, target, root_tree, False, 0)]
+        if root_nodes is not None:  # given as nodes: nothing to fetch for the top
+            self._tree_cache[root_tree] = tree.serialize(root_nodes)
         while level:
             found = dict(self._fetch_objects(list({item[2]: None for item in level})))
             next_level: list[tuple[int, str, bytes, bool, int]] = []
@@ -241,6 +311,9 @@ class Restore:
         """Creates ``node`` in the directory ``dir_fd``; ``fresh``: that one was empty."""
         name = node.name
         path = os.path.join(parent, os.fsdecode(name))
+        wanted = self._wanted
+        if wanted is not None and os.path.relpath(path, self.result.target) not in wanted:
+            return  # left out by --include / --exclude
         try:
             if node.type == repo_pb2.NODE_DIR:
                 created = self._make_dir(dir_fd, name, path, top=depth == 0)
@@ -476,6 +549,7 @@ class Restore:
                 for batch in self._batches(oids):
                     for oid, status, payload in self.repo.conn.fetch_frames(batch):
                         cost = max(len(payload), MIN_RECORD_COST)
+                        self.result.bytes_fetched += len(payload)
                         if not budget.acquire(cost, stop):
                             return
                         records.put((oid, status, payload, cost))
@@ -551,6 +625,17 @@ class Restore:
         finally:
             os.close(fd)
 
+    def _subtree(
+        self, snap: repo_pb2.Snapshot, subpath: str, backup_id: str
+    ) -> tuple[bytes, list[repo_pb2.Node] | None]:
+        """(tree id, or a stand-in with the nodes) of ``subpath`` to restore as the root."""
+        from pysrbup.client.browse import Trees, locate
+
+        _, node = locate(Trees(self.repo), snap, subpath, backup_id)
+        if node.type == repo_pb2.NODE_DIR:
+            return node.subtree, None
+        return b"subpath:" + node.name, [node]
+
     def _finish_dir(self, index: int, path: str, node: repo_pb2.Node) -> None:
         assert self._table is not None
         try:
@@ -565,9 +650,18 @@ class Restore:
             self._table.release(index)
 
     def run(self, backup_id: str, target: str) -> RestoreResult:
-        """Restores ``backup_id`` into the directory ``target``."""
+        """Restores ``backup_id`` into the directory ``target``.
+
+        ``ID:sub/path`` restores that part of the backup as the root: the
+        contents of a directory (or the file) go straight into ``target``, as
+        restic does.
+        """
+        backup_id, _, subpath = backup_id.partition(":")
         info = self.repo.find_snapshot(backup_id)
         snap = self.repo.open_snapshot(info)
+        root_tree, root_nodes = snap.root_tree, None
+        if subpath.strip("/"):
+            root_tree, root_nodes = self._subtree(snap, subpath, info.snapshot_id)
         self.result.backup_id = info.snapshot_id
         target = os.path.abspath(target)
         self.result.target = target
@@ -583,7 +677,14 @@ class Restore:
         self._table = DirTable(root_fd)
         self.progress.set_total(snap.logical_bytes)
         try:
-            self._create_tree(snap.root_tree, target)
+            if self._includes or self._excludes:
+                self._wanted = set()
+                top = root_nodes
+                if top is None:
+                    plain = dict(self._fetch_trees([root_tree])).get(root_tree)
+                    top = list(tree.parse(plain, target).nodes) if plain is not None else []
+                self._select(top)
+            self._create_tree(root_tree, target, root_nodes)
             self._restore_data()
             for dir_index, name, path, node in self._files:
                 self._finish_file(dir_index, name, path, node)
