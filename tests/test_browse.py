@@ -79,13 +79,14 @@ def test_ls_plain_recursive_and_long(backed_up, client, key_file):
     long = _lines(client.run("ls", bid, "-l", "-r", "--key-file", key_file))
     by_path = {line.split()[-1] if " -> " not in line else line.split()[-3]: line for line in long}
     assert by_path["sub/text.txt"].startswith("-rw-r----- ")
-    assert by_path["sub/text.txt"].split()[3] == str(os.path.getsize(f"{src}/sub/text.txt"))
+    assert by_path["sub/text.txt"].split()[1] == "1"  # link count
+    assert by_path["sub/text.txt"].split()[4] == str(os.path.getsize(f"{src}/sub/text.txt"))
     assert by_path["sub/deeper/small.bin"].startswith("-rwxr-xr-x ")
     assert by_path["empty_dir"].startswith("drwx------ ")
     assert by_path["link"].startswith("lrwxrwxrwx ") and by_path["link"].endswith(
         "link -> sub/text.txt"
     )
-    assert by_path["big.bin"].split()[4] == "2020-09-13T12:26:40Z"
+    assert by_path["big.bin"].split()[5] == "2020-09-13T12:26:40Z"
 
 
 def test_ls_json_one_object_per_entry(backed_up, client, key_file):

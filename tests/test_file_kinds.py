@@ -57,6 +57,10 @@ def test_hard_links_come_back_as_links(tmp_path, client, key_file):
     _restore(client, backup_id, out, key_file)
     assert snapshot_tree(str(out / "src")) == snapshot_tree(str(src))
     assert _inode_groups(out / "src") == _inode_groups(src) != set()
+    listing = client.run("ls", backup_id, "-l", "-r", "--key-file", key_file, check=True).stdout
+    counts = {line.split()[-1]: line.split()[1] for line in listing.splitlines()}
+    assert counts["a/small.txt"] == counts["b/small-3.txt"] == "3"
+    assert counts["single.txt"] == "1"
 
 
 def test_xattrs_are_backed_up_and_restored(tmp_path, client, key_file):

@@ -297,10 +297,14 @@ def entry_dict(path: bytes, node: repo_pb2.Node) -> dict:
 
 
 def long_line(path: bytes, node: repo_pb2.Node) -> str:
-    """``-rw-r----- user group size mtime path[ -> target]``, as ``ls -l`` (unescaped)."""
+    """``-rw-r----- links user group size mtime path[ -> target]``, as ``ls -l`` (unescaped).
+
+    The link count is the file's hard links when it had several, else 1.
+    """
     seconds = node.mtime_ns // 1_000_000_000
     line = (
-        f"{permissions(node)} {node.user or node.uid!s:<8} {node.group or node.gid!s:<8} "
+        f"{permissions(node)} {max(node.links, 1):>3} "
+        f"{node.user or node.uid!s:<8} {node.group or node.gid!s:<8} "
         f"{node.size:>12} {iso_ns(seconds * 1_000_000_000)} {shown(path)}"
     )
     if node.type == NODE_SYMLINK:
