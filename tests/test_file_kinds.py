@@ -381,3 +381,32 @@ def test_backup_from_standard_input(tmp_path, client, key_file):
     assert json.loads(again.stdout)["bytes_new"] < 1000  # only a new root tree: data deduplicated
     bad = client.run("backup", "--stdin", "--stdin-filename", "a/b", key_file, input="x")
     assert bad.returncode == 2 and "invalid --stdin-filename" in bad.stderr
+
+
+def test_dry_run_says_what_is_new_and_stores_nothing(tmp_path, client, key_file, server):
+    import json
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "old.bin").write_bytes(random_bytes(2 * 1024 * 1024, 21))
+    client.backup(str(src), key_file)
+    (src / "new.bin").write_bytes(random_bytes(3 * 1024 * 1024, 22))
+    listed = client.run("list", check=True).stdout
+
+    def stored():
+        return sorted(
+            (name, os.path.getsize(os.path.join(folder, name)))
+            for folder, _, names in os.walk(os.path.join(server.repo, "packs"))
+            for name in names
+        )
+
+    packs = stored()
+    proc = client.run("--json", "backup", "--dry-run", str(src), key_file, check=True)
+    report = json.loads(proc.stdout)
+    assert report["dry_run"] and report["backup_id"] == ""
+    assert 3 * 1024 * 1024 <= report["bytes_new"] < 3 * 1024 * 1024 + 10_000  # + new trees
+    assert report["bytes_sent"] == 0
+    assert client.run("list", check=True).stdout == listed
+    assert stored() == packs
+    text = client.run("backup", "--dry-run", str(src), key_file, check=True).stdout
+    assert "nothing was uploaded" in text.splitlines()[-1]

@@ -146,6 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-xattrs", action="store_true", help="do not back up extended attributes and ACLs"
     )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="read and deduplicate everything, say what would be stored, upload nothing",
+    )
 
     p = sub.add_parser("restore", help="restore a backup into a directory")
     p.add_argument("backup_id")
@@ -488,7 +493,12 @@ def cmd_backup(args) -> int:
             one_file_system=args.one_file_system,
         )
         job = Backup(
-            repo, args.num_threads, Progress("backup"), excludes=excludes, xattrs=not args.no_xattrs
+            repo,
+            args.num_threads,
+            Progress("backup"),
+            excludes=excludes,
+            xattrs=not args.no_xattrs,
+            dry_run=args.dry_run,
         )
         when = parse_time(args.time) if args.time else None
         meta = {"tags": args.tag, "host": args.host, "time_ns": when}
@@ -497,6 +507,14 @@ def cmd_backup(args) -> int:
         else:
             result = job.run(args.backup_dir, **meta)
     payload = result.as_dict()
+    if args.dry_run:
+        payload["dry_run"] = True
+        last = (
+            f"Dry run: would add {human_bytes(result.bytes_new)} in {result.chunks_new} new "
+            "objects; nothing was uploaded"
+        )
+    else:
+        last = f"Completed backup id: {result.backup_id}"
     _emit(
         args,
         payload,
@@ -504,7 +522,7 @@ def cmd_backup(args) -> int:
             f"Files: {result.files}, directories: {result.dirs}",
             f"Read {human_bytes(result.bytes_read)}, new {human_bytes(result.bytes_new)}, "
             f"sent {human_bytes(result.bytes_sent)} in {result.duration:.1f} s",
-            f"Completed backup id: {result.backup_id}",
+            last,
         ],
     )
     if result.errors:

@@ -58,7 +58,7 @@ from pysrbup.client.uploader import Uploader
 from pysrbup.errors import IntegrityError, NotFoundError, UsageError
 from pysrbup.memtune import tune_malloc
 from pysrbup.proto import repo_pb2
-from pysrbup.repo import snapshot, tree
+from pysrbup.repo import envelope, snapshot, tree
 from pysrbup.repo.wire import ID_SIZE
 from pysrbup.textsafe import printable
 
@@ -201,9 +201,11 @@ class Backup:
         warn: Callable[[str], None] | None = None,
         excludes: Excludes | None = None,
         xattrs: bool = True,
+        dry_run: bool = False,
     ):
         tune_malloc()
         self.repo = repo
+        self.dry_run = dry_run
         self._excludes = excludes or Excludes()
         self._read_xattrs = xattrs
         self._root_dev = -1
@@ -259,8 +261,9 @@ class Backup:
             return True
 
     def _seal_and_put(self, oid: bytes, data) -> None:
-        sealed = self._sealer.seal(oid, data, compress=self._compressible(data))
-        self._uploader.put(oid, sealed)
+        if not self.dry_run:
+            sealed = self._sealer.seal(oid, data, compress=self._compressible(data))
+            self._uploader.put(oid, sealed)
         with self._lock:
             self.result.bytes_new += len(data)
             self.result.chunks_new += 1
@@ -747,6 +750,8 @@ class Backup:
         """A backup session around ``make_root()`` (the root node), committed as a snapshot."""
         started = time.monotonic()
         repo = self.repo
+        if self.dry_run:
+            return self._dry_run(make_root, started)
         repo.ensure_initialised()
         cache = IdCache(repo.repo_id)
         # The session begins before the id sync: a delete condemning ids after
@@ -793,6 +798,30 @@ class Backup:
             self._files.close()
             self.progress.close()
         self.result.backup_id = backup_id
+        self.result.duration = time.monotonic() - started
+        return self.result
+
+    def _dry_run(self, make_root, started: float) -> BackupResult:
+        """Reads, chunks and names everything, counts what is new, and uploads nothing.
+
+        Nothing is written anywhere: no session, no record, no files cache entry.
+        """
+        repo = self.repo
+        cache = IdCache(repo.repo_id)
+        if repo.initialised:
+            cache.sync(repo.conn)  # reading the public id log changes nothing
+        self._known = cache.ids
+        # Ids need only the MAC key; a throwaway sealer key never leaves this process.
+        self._sealer = envelope.Sealer(self.key.mac_key, os.urandom(32), os.urandom(16))
+        self._files = FilesCache(repo.repo_id).open(read_only=True)
+        try:
+            root = make_root()
+            self._store(tree.serialize([root]))
+            if self._fatal is not None:
+                raise self._fatal
+        finally:
+            self._files.close()
+            self.progress.close()
         self.result.duration = time.monotonic() - started
         return self.result
 

@@ -124,10 +124,13 @@ class FilesCache:
         self._lock_file = None
         self.writable = False
 
-    def open(self) -> FilesCache:
-        """Loads the log and locks it for writing (read-only if another backup holds it)."""
+    def open(self, read_only: bool = False) -> FilesCache:
+        """Loads the log and locks it for writing (read-only if asked, or if another backup
+        holds it: then entries are only kept in memory)."""
         self._lock_file = open(self.path + ".lock", "w")  # noqa: SIM115 - closed in close()
         try:
+            if read_only:
+                raise BlockingIOError
             fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
             self.writable = True
         except BlockingIOError:
