@@ -410,3 +410,23 @@ def test_dry_run_says_what_is_new_and_stores_nothing(tmp_path, client, key_file,
     assert stored() == packs
     text = client.run("backup", "--dry-run", str(src), key_file, check=True).stdout
     assert "nothing was uploaded" in text.splitlines()[-1]
+
+
+def test_holes_are_zero_filled_without_reading_and_give_the_same_bytes(tmp_path):
+    from pysrbup.client.backup import _SparseReader
+
+    path = tmp_path / "holes.img"
+    with open(path, "wb") as handle:
+        handle.truncate(40 * 1024 * 1024 + 123)
+        for at in (0, 5 * 1024 * 1024 + 7, 39 * 1024 * 1024):
+            handle.seek(at)
+            handle.write(random_bytes(300_000, at))
+    want = path.read_bytes()
+    for size in (4096, 1 << 20, 3 * 1024 * 1024 + 1):
+        got = bytearray()
+        buf = memoryview(bytearray(size))
+        with open(path, "rb", buffering=0) as handle:
+            reader = _SparseReader(handle)
+            while n := reader.readinto(buf):
+                got += buf[:n]
+        assert bytes(got) == want

@@ -73,6 +73,8 @@ SMALL_FILE = 1024 * 1024
 SAMPLE_SLICES = 32
 SAMPLE_SLICE = 1024
 SAMPLE_RATIO = 0.99
+#: Zeros to fill the holes of sparse files with (one block's worth, shared).
+_ZEROS = memoryview(bytes(BLOCK_BYTES))
 FILE_QUEUE = 256
 
 
@@ -153,6 +155,37 @@ class _Block:
             free = self.refs == 0
         if free:
             self.pool.put(self)
+
+
+class _SparseReader:
+    """``readinto`` over a file with holes: data is read, holes are zero-filled.
+
+    SEEK_DATA/SEEK_HOLE say where the data is; a hole costs no read and no
+    page of the page cache. The bytes are the same as a plain read's, so the
+    chunks (and their ids) are the same as for a dense copy of the file.
+    """
+
+    def __init__(self, handle):
+        self.handle = handle
+        self.fd = handle.fileno()
+        self.end = os.fstat(self.fd).st_size
+
+    def readinto(self, view: memoryview) -> int:
+        pos = self.handle.tell()
+        if pos >= self.end:
+            return 0
+        try:
+            data = os.lseek(self.fd, pos, os.SEEK_DATA)
+        except OSError:  # ENXIO: only a hole is left up to the end
+            data = self.end
+        if data > pos:  # a hole: zeros, without reading them
+            count = min(data - pos, len(view))
+            view[:count] = _ZEROS[:count]
+            self.handle.seek(pos + count)
+            return count
+        hole = os.lseek(self.fd, pos, os.SEEK_HOLE)
+        self.handle.seek(pos)
+        return self.handle.readinto(view[: min(hole - pos, len(view))])
 
 
 class _Dir:
@@ -378,16 +411,20 @@ class Backup:
         block.refs = 1
         return block
 
-    def _read_blocks(self, handle, ids: list[bytes], sizes: list[int]) -> int:
+    def _read_blocks(
+        self, handle, ids: list[bytes], sizes: list[int], sparse: bool = False
+    ) -> int:
+        """Chunks a file block by block; ``sparse``: holes are zero-filled, never read."""
         block = self._get_block()
         filled = total = 0
         eof = False
         object_id = self._sealer.object_id
+        readinto = _SparseReader(handle).readinto if sparse else handle.readinto
         try:
             while not eof:
                 view = block.view
                 while filled < BLOCK_BYTES:
-                    got = handle.readinto(view[filled:BLOCK_BYTES])
+                    got = readinto(view[filled:BLOCK_BYTES])
                     if not got:
                         eof = True
                         break
@@ -445,7 +482,8 @@ class Backup:
                         handle.seek(0)
                         ids.clear()
                         sizes.clear()
-                        size = self._read_blocks(handle, ids, sizes)
+                        sparse = job.st.st_blocks * 512 < job.st.st_size  # has holes
+                        size = self._read_blocks(handle, ids, sizes, sparse)
                     after = os.fstat(handle.fileno())
                     if (after.st_size, after.st_mtime_ns) == (size, job.st.st_mtime_ns):
                         break
