@@ -411,9 +411,7 @@ class Backup:
         block.refs = 1
         return block
 
-    def _read_blocks(
-        self, handle, ids: list[bytes], sizes: list[int], sparse: bool = False
-    ) -> int:
+    def _read_blocks(self, handle, ids: list[bytes], sizes: list[int], sparse: bool = False) -> int:
         """Chunks a file block by block; ``sparse``: holes are zero-filled, never read."""
         block = self._get_block()
         filled = total = 0
