@@ -580,9 +580,10 @@ def _delete_records(repo, backup_ids: list[str]) -> list[str]:
     if repo.info.append_only:
         raise PermissionDeniedError("the server is append-only: deleting is refused")
     infos = {}
+    listed = repo.snapshots()
     for backup_id in backup_ids:
         try:
-            info = repo.find_snapshot(backup_id)
+            info = repo.find_snapshot(backup_id, listed)
         except NotFoundError as unknown:
             full = backup_id.strip().lower()
             try:
@@ -717,17 +718,26 @@ def cmd_tag(args) -> int:
     return EXIT_OK
 
 
-def cmd_stats(args) -> int:
+def _selected(repo, args):
+    """The backups --tag/--host/--path and --backup select, from one listing."""
     from pysrbup.client.selection import open_all, select
+
+    everything = open_all(repo)
+    backups = select(everything, args.tag, args.host, args.path)
+    if args.backup:
+        infos = [item.info for item in everything]
+        wanted = {repo.find_snapshot(b, infos).snapshot_id for b in args.backup}
+        backups = [b for b in backups if b.id in wanted]
+    return backups
+
+
+def cmd_stats(args) -> int:
     from pysrbup.client.stats import tree_stats
 
     key = _key(args.key_file)
     repo = _open_repo(args, key)
     with repo.conn:
-        backups = select(open_all(repo), args.tag, args.host, args.path)
-        if args.backup:
-            wanted = {repo.find_snapshot(b).snapshot_id for b in args.backup}
-            backups = [b for b in backups if b.id in wanted]
+        backups = _selected(repo, args)
         trees = tree_stats(repo, backups)
         server = repo.conn.stats()
     payload = {
@@ -908,15 +918,11 @@ def cmd_ls(args) -> int:
 
 def cmd_find(args) -> int:
     from pysrbup.client import browse
-    from pysrbup.client.selection import open_all, select
     from pysrbup.textsafe import printable
 
     repo = _open_repo(args, _key(args.key_file))
     with repo.conn:
-        backups = select(open_all(repo), args.tag, args.host, args.path)
-        if args.backup:
-            wanted = {repo.find_snapshot(b).snapshot_id for b in args.backup}
-            backups = [b for b in backups if b.id in wanted]
+        backups = _selected(repo, args)
         backups.sort(key=lambda b: (b.record.time_ns, b.id), reverse=True)  # newest first
         found = browse.find(browse.Trees(repo), [(b.id, b.record) for b in backups], args.patterns)
         if args.json:

@@ -13,12 +13,14 @@ over), or a listing that hid a backup from the client.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from pysrbup.client.idcache import IdCache
 from pysrbup.client.repository import RemoteRepository
 from pysrbup.client.retry import until_settled
 from pysrbup.errors import IntegrityError
+from pysrbup.proto import repo_pb2
 from pysrbup.repo import tree
 from pysrbup.repo.wire import MAX_IDS_PER_REQUEST
 
@@ -34,37 +36,45 @@ class GcResult:
     bytes_pending: int = 0
 
 
-def live_set(repo: RemoteRepository) -> tuple[list[str], set[bytes]]:
-    """(the snapshot ids listed, every id those snapshots reference)."""
-    live: set[bytes] = set()
-    level: list[bytes] = []
-    infos = repo.snapshots()
-    for info in infos:
-        snap = repo.open_snapshot(info)
-        if snap.root_tree not in live:
-            live.add(snap.root_tree)
-            level.append(snap.root_tree)
+def walk_trees(
+    repo: RemoteRepository, roots: list[bytes], why: str
+) -> Iterator[tuple[str, repo_pb2.Node]]:
+    """Every node below the trees ``roots``, each distinct tree fetched once, level by level.
+
+    Yields (where, node) with ``where`` naming the tree for error messages. A
+    tree that cannot be read raises IntegrityError ending in ``why`` (the
+    callers' results would be incomplete).
+    """
+    seen = set(roots)
+    level = list(seen)
     while level:
         next_level: list[bytes] = []
         got = 0
         for oid, plain, problem in repo.fetch_objects(level):
             if plain is None:
-                raise IntegrityError(
-                    f"{problem}; not collecting garbage (the live set would be incomplete)"
-                )
+                raise IntegrityError(f"{problem}; {why}")
             got += 1
             where = f"tree {oid.hex()[:16]}"
             for node in tree.parse(plain, where).nodes:
-                if node.subtree:
-                    if node.subtree not in live:
-                        live.add(node.subtree)
-                        next_level.append(node.subtree)
-                elif node.chunk_ids:
-                    for chunk_id, _, _ in tree.file_chunks(node, where):
-                        live.add(chunk_id)
+                if node.subtree and node.subtree not in seen:
+                    seen.add(node.subtree)
+                    next_level.append(node.subtree)
+                yield where, node
         if got != len(level):
             raise IntegrityError("the server did not return every directory object asked for")
         level = next_level
+
+
+def live_set(repo: RemoteRepository) -> tuple[list[str], set[bytes]]:
+    """(the snapshot ids listed, every id those snapshots reference)."""
+    infos = repo.snapshots()
+    live = {repo.open_snapshot(info).root_tree for info in infos}
+    why = "not collecting garbage (the live set would be incomplete)"
+    for where, node in walk_trees(repo, list(live), why):
+        if node.subtree:
+            live.add(node.subtree)
+        elif node.chunk_ids:
+            live.update(chunk_id for chunk_id, _, _ in tree.file_chunks(node, where))
     return [info.snapshot_id for info in infos], live
 
 

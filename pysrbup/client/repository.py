@@ -242,12 +242,18 @@ class RemoteRepository:
             )
         return infos
 
-    def find_snapshot(self, backup_id: str) -> service_pb2.SnapshotInfo:
-        """The snapshot whose id is ``backup_id`` or starts with it (unique prefix)."""
+    def find_snapshot(
+        self, backup_id: str, infos: list[service_pb2.SnapshotInfo] | None = None
+    ) -> service_pb2.SnapshotInfo:
+        """The snapshot whose id is ``backup_id`` or starts with it (unique prefix).
+
+        ``infos`` is a listing already made (one per command, not one per id).
+        """
         backup_id = backup_id.strip().lower()
         if not backup_id or not re.fullmatch(r"[0-9a-f]{1,16}", backup_id):
             raise NotFoundError(f"{backup_id!r} is not a backup id (16 hex digits or a prefix)")
-        infos = self.snapshots()
+        if infos is None:
+            infos = self.snapshots()
         exact = [i for i in infos if i.snapshot_id == backup_id]
         if exact:
             return exact[0]

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from pysrbup.client.excludes import Pattern
+from pysrbup.client.excludes import Excludes
 from pysrbup.client.progress import Progress
 from pysrbup.client.repository import FETCH_IDS, RemoteRepository
 from pysrbup.client.safefs import (
@@ -150,8 +150,9 @@ class Restore:
         self._first_links: dict[tuple[int, int], tuple[int, bytes]] = {}
         self._warned: set[str] = set()
         self._owners: dict[tuple, tuple[int, int]] = {}
-        self._includes = [Pattern(p) for p in includes or []]
-        self._excludes = [Pattern(p) for p in excludes or []]
+        # The backup's pattern rules, applied to paths below the target.
+        self._includes = Excludes.from_options(exclude=includes) if includes else None
+        self._excludes = Excludes.from_options(exclude=excludes)
         #: Relative paths to restore (None: everything).
         self._wanted: set[str] | None = None
         self._tree_cache: dict[bytes, bytes] = {}
@@ -191,12 +192,9 @@ class Restore:
             descend = []
             for parent, node, included in level:
                 path = f"{parent}/{os.fsdecode(node.name)}" if parent else os.fsdecode(node.name)
-                parts = path.split("/")
-                if any(p.matches(parts) for p in self._excludes):
+                if self._excludes.excluded(path):
                     continue  # and nothing below it
-                here = (
-                    included or not self._includes or any(p.matches(parts) for p in self._includes)
-                )
+                here = included or self._includes is None or self._includes.excluded(path)
                 if here:
                     self._mark(path)
                 if node.type == repo_pb2.NODE_DIR:
@@ -677,7 +675,7 @@ class Restore:
         self._table = DirTable(root_fd)
         self.progress.set_total(snap.logical_bytes)
         try:
-            if self._includes or self._excludes:
+            if self._includes is not None or self._excludes.patterns:
                 self._wanted = set()
                 top = root_nodes
                 if top is None:

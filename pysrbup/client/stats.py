@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pysrbup.client.gc import walk_trees
 from pysrbup.client.repository import RemoteRepository
 from pysrbup.client.selection import Listed
-from pysrbup.errors import IntegrityError
 from pysrbup.repo import tree
 
 
@@ -44,24 +44,16 @@ def tree_stats(repo: RemoteRepository, backups: list[Listed]) -> TreeStats:
         stats.files += item.record.files
         stats.dirs += item.record.dirs
         stats.logical_bytes += item.record.logical_bytes
-    seen_trees = {item.record.root_tree for item in backups}
+    roots = {item.record.root_tree for item in backups}
     chunk_sizes: dict[bytes, int] = {}
-    level = list(seen_trees)
-    while level:
-        next_level: list[bytes] = []
-        for oid, plain, problem in repo.fetch_objects(level):
-            if plain is None:
-                raise IntegrityError(f"{problem}; run check to see which backups it damages")
-            stats.trees += 1
-            for node in tree.parse(plain, f"tree {oid.hex()[:16]}").nodes:
-                if node.subtree:
-                    if node.subtree not in seen_trees:
-                        seen_trees.add(node.subtree)
-                        next_level.append(node.subtree)
-                elif node.chunk_ids:
-                    for chunk_id, _, size in tree.file_chunks(node, "stats"):
-                        chunk_sizes[chunk_id] = size
-        level = next_level
+    trees = set(roots)
+    for where, node in walk_trees(repo, list(roots), "run check to see which backups it damages"):
+        if node.subtree:
+            trees.add(node.subtree)
+        elif node.chunk_ids:
+            for chunk_id, _, size in tree.file_chunks(node, where):
+                chunk_sizes[chunk_id] = size
+    stats.trees = len(trees)
     stats.chunks = len(chunk_sizes)
     stats.unique_bytes = sum(chunk_sizes.values())
     return stats
