@@ -7,14 +7,33 @@
 #   ./build.sh bench    set up, then the kernel benchmarks (pytest-benchmark)
 #   ./build.sh wheel    dist/: an sdist, and a manylinux wheel built from that sdist (no Cython)
 #
-# Everything goes into .venv beside this script (or $PYSRBUP_VENV); nothing outside it is touched.
+# Everything goes into .venv beside this script (or $PYSRBUP_VENV). The one system package is
+# libfuse3 for `pysrbup-client mount`: installed with apt-get when it is missing and we may
+# (root); elsewhere a note says so, mount alone is unavailable and its tests skip.
 set -euo pipefail
 cd "$(dirname "$0")"
 ROOT=$PWD
 VENV=${PYSRBUP_VENV:-$ROOT/.venv}
 PY=${PYTHON:-python3}
 
+fuse_library() {
+    ldconfig -p 2>/dev/null | grep -q "libfuse3\.so" || ldconfig -p 2>/dev/null | grep -q "libfuse\.so"
+}
+
+system_packages() {
+    fuse_library && return 0
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        echo "== installing fuse3 (libfuse3, for pysrbup-client mount)"
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q fuse3 >/dev/null 2>&1 ||
+            { apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q fuse3 >/dev/null; } ||
+            echo "note: could not install fuse3; pysrbup-client mount will be unavailable"
+    else
+        echo "note: libfuse3 is missing (Debian: apt-get install fuse3); pysrbup-client mount needs it"
+    fi
+}
+
 setup() {
+    system_packages
     if [ ! -x "$VENV/bin/python" ]; then
         "$PY" -m venv "$VENV"
     fi

@@ -315,6 +315,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("new_backup_id")
     p.add_argument("--key-file", help=key_help)
 
+    p = sub.add_parser(
+        "mount",
+        help="serve the backups as a read-only file system (FUSE) until unmounted",
+        description="ids/<id>/ holds each backup's files, snapshots/<time> links to it, "
+        "snapshots/latest to the newest. Data is fetched as it is read. Ctrl-C or "
+        "'fusermount -u MOUNTPOINT' unmounts.",
+    )
+    p.add_argument("mountpoint")
+    p.add_argument("--key-file", help=key_help)
+    p.add_argument(
+        "--allow-other", action="store_true", help="let other users in too (FUSE allow_other)"
+    )
+    p.add_argument(
+        "--no-default-permissions",
+        action="store_true",
+        help="do not check the backed-up owners and modes on access (with --allow-other: "
+        "every user can read every file)",
+    )
+
     p = sub.add_parser("generate_key", help="create a new key")
     p.add_argument("key_file", nargs="?", help="where to write it (default: print it)")
     return parser
@@ -1000,6 +1019,23 @@ def cmd_diff(args) -> int:
         return _print_lines(lines())
 
 
+def cmd_mount(args) -> int:
+    from pysrbup.client.mount import run_mount
+
+    repo = _open_repo(args, _key(args.key_file))
+    with repo.conn:
+        run_mount(
+            repo,
+            args.mountpoint,
+            _warn,
+            allow_other=args.allow_other,
+            default_permissions=not args.no_default_permissions,
+            announce=lambda line: print(f"pysrbup-client: {line}", file=sys.stderr, flush=True),
+        )
+    print("pysrbup-client: unmounted", file=sys.stderr)
+    return EXIT_OK
+
+
 COMMANDS = {
     "backup": cmd_backup,
     "restore": cmd_restore,
@@ -1015,6 +1051,7 @@ COMMANDS = {
     "find": cmd_find,
     "dump": cmd_dump,
     "diff": cmd_diff,
+    "mount": cmd_mount,
     "generate_key": cmd_generate_key,
 }
 

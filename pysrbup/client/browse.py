@@ -254,9 +254,14 @@ _IFMT = {
 }
 
 
+def st_mode(node: repo_pb2.Node) -> int:
+    """The node's ``st_mode``: file type bits (none for a type it does not know) and mode."""
+    return _IFMT.get(type_name(node), 0) | node.mode
+
+
 def permissions(node: repo_pb2.Node) -> str:
     """``drwxr-x---`` as ``ls -l`` shows it (``?`` for a type it does not know)."""
-    return stat.filemode(_IFMT.get(type_name(node), 0) | node.mode)
+    return stat.filemode(st_mode(node))
 
 
 def iso_ns(ns: int) -> str:
