@@ -2,8 +2,9 @@
 
 Before a backup the client asks only for ids logged after the last sequence
 number it saw, appends them to ``ids`` in the repository's cache folder and
-keeps them in memory. A chunk whose id is in the set is not uploaded, and the
-server is never told which existing chunks a backup reuses.
+keeps them in memory. A chunk whose id is in the set is not uploaded. (Deciding
+that needs no request; the existence check before a commit, in backup.py,
+does name the reused ids to the server.)
 
 Files: ``ids`` (concatenated 32-byte ids) and ``ids.state`` (JSON: epoch,
 last seq, count). A crash between the two leaves extra bytes in ``ids``,
