@@ -69,6 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
         "rolling back backups), or take a new repository's init token before its owner uses "
         "it. For loopback or an encrypted tunnel only; clients need --plaintext too",
     )
+    parser.add_argument(
+        "--metrics-address",
+        metavar="[HOST:]PORT",
+        help="while serving, expose Prometheus metrics on http://HOST:PORT/metrics "
+        "(default: off; a bare PORT listens on 127.0.0.1 only)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log requests")
     parser.add_argument("backups_dir", help="repository directory (created if missing)")
     return parser
@@ -140,6 +146,10 @@ def main(argv: list[str] | None = None) -> int:
         from pysrbup.server.storage import Repository, rebuild_index
 
         level = EccLevel.parse(args.ecc)
+        if args.metrics_address:
+            from pysrbup.server.metrics import ServerMetrics, parse_address
+
+            metrics_host, metrics_port = parse_address(args.metrics_address)
         if args.rebuild_index:
             count_packs, count_objects = rebuild_index(args.backups_dir)
             print(
@@ -170,6 +180,16 @@ def main(argv: list[str] | None = None) -> int:
             except PysrbupError:
                 repo.close()
                 raise
+        metrics = metrics_url = None
+        if args.metrics_address:
+            metrics = ServerMetrics(repo)
+            try:
+                metrics_url = metrics.start_http(metrics_host, metrics_port)
+            except OSError as exc:
+                repo.close()
+                raise PysrbupError(
+                    f"cannot serve metrics on {metrics_host}:{metrics_port}: {exc.strerror or exc}"
+                ) from None
         try:
             server, port = serve(
                 repo,
@@ -177,8 +197,11 @@ def main(argv: list[str] | None = None) -> int:
                 args.num_threads,
                 certificate=certificate,
                 plaintext=args.plaintext,
+                interceptors=[metrics.interceptor] if metrics else [],
             )
         except (OSError, RuntimeError) as exc:
+            if metrics:
+                metrics.stop()
             repo.close()
             raise PysrbupError(f"cannot listen on {args.bind_to}: {exc}") from None
     except (PysrbupError, ImportError) as exc:
@@ -208,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
             f"pysrbup-client init --init-token $(cat {repo.init_token_path}) KEY_FILE",
             file=sys.stderr,
         )
+    if metrics_url:
+        print(f"pysrbup-server: metrics on {metrics_url}", file=sys.stderr)
     print(f"pysrbup-server: serving {repo.root} on port {port}", file=sys.stderr, flush=True)
     next_scrub = time.monotonic() + args.scrub_interval
     while not stop.wait(0.5):
@@ -215,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
             threading.Thread(target=_background_scrub, args=(repo,), daemon=True).start()
             next_scrub = time.monotonic() + args.scrub_interval
     server.stop(grace=5).wait()
+    if metrics:
+        metrics.stop()
     repo.close()
     return EXIT_OK
 

@@ -46,11 +46,12 @@ from pysrbup.proto import repo_pb2, service_pb2
 from pysrbup.repo import tree
 
 #: Plaintext bytes of file chunks kept for reuse (and read ahead into).
-CHUNK_CACHE_BYTES = 64 * 1024 * 1024
-#: Estimated bytes of parsed directories kept (about four times their plaintext).
-TREE_CACHE_BYTES = 64 * 1024 * 1024
+CHUNK_CACHE_BYTES = 32 * 1024 * 1024
+#: Estimated bytes of parsed directories kept (measured: about six times their plaintext,
+#: some 540 bytes per entry).
+TREE_CACHE_BYTES = 32 * 1024 * 1024
 #: Bytes of a file fetched ahead of a sequential reader.
-READAHEAD_BYTES = 16 * 1024 * 1024
+READAHEAD_BYTES = 8 * 1024 * 1024
 #: Subdirectory trees fetched ahead, in one request, when a directory is listed.
 PREFETCH_TREES = 256
 #: Seconds before listing the top directories asks the server for the backups again.
@@ -283,7 +284,7 @@ class BackupFS:
                 yield oid, None, str(exc), 0
                 continue
             entries = {node.name: node for node in parsed.nodes}
-            yield oid, entries, "", 4 * len(plain) + 128 * len(entries) + 256
+            yield oid, entries, "", 6 * len(plain) + 256
 
     def _load_chunks(self, oids: list[bytes]):
         for oid, plain, problem in self.repo.fetch_objects(oids):

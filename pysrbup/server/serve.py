@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from concurrent import futures
 
 import grpc
@@ -33,11 +34,13 @@ def serve(
     *,
     certificate: ServerCertificate | None = None,
     plaintext: bool = False,
+    interceptors: Sequence[grpc.ServerInterceptor] = (),
 ) -> tuple[grpc.Server, int]:
     """Starts a threaded server for ``repo`` on ``bind_to``; returns it and its port.
 
     TLS with ``certificate``, by default the repository's own (``tls.load_or_create``);
-    ``plaintext`` serves without TLS.
+    ``plaintext`` serves without TLS. ``interceptors`` see every RPC, the raw-bytes
+    methods too (``metrics.LatencyInterceptor``).
     """
     if not plaintext and certificate is None:
         from pysrbup.server.tls import load_or_create
@@ -49,6 +52,7 @@ def serve(
         # that a few slow or idle clients cannot starve everyone else.
         futures.ThreadPoolExecutor(max_workers=max(16, num_threads * 8)),
         options=[*GRPC_OPTIONS, ("grpc.so_reuseport", 0)],
+        interceptors=list(interceptors) or None,
         maximum_concurrent_rpcs=None,
     )
     servicer = BackupServicer(repo)

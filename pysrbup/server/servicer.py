@@ -225,6 +225,7 @@ class BackupServicer(service_pb2_grpc.BackupServicer):
                     stored_bytes += counts.bytes_stored
                 if item is None or unsynced >= UPLOAD_SYNC_BYTES or (unsynced and inbox.empty()):
                     self.repo.sync(session, stream)
+                    self.repo.counters.add(upload_bytes=unsynced)  # once per sync, not per frame
                     unsynced = 0
                     yield wire.UPLOAD_ACK.pack(frames, stored, dropped, stored_bytes)
                 if item is None:
@@ -236,6 +237,7 @@ class BackupServicer(service_pb2_grpc.BackupServicer):
             _abort(context, exc)
         finally:
             stop.set()
+            self.repo.counters.add(upload_bytes=unsynced)  # received, if never made durable
             if not clean:  # client gone mid-stream: nothing unacknowledged is kept
                 self.repo.rollback(session, stream)
 
@@ -294,10 +296,14 @@ class BackupServicer(service_pb2_grpc.BackupServicer):
             batch.append(record)
             size += len(record[2]) + framing.RECORD_OVERHEAD
             if size >= FETCH_FRAME_BYTES:
-                yield framing.pack_records(batch)
+                frame = framing.pack_records(batch)
+                self.repo.counters.add(fetch_bytes=len(frame))
+                yield frame
                 batch, size = [], 0
         if batch:
-            yield framing.pack_records(batch)
+            frame = framing.pack_records(batch)
+            self.repo.counters.add(fetch_bytes=len(frame))
+            yield frame
 
     @_guarded
     def DeleteSnapshot(self, request, context):

@@ -31,7 +31,7 @@ import re
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from pysrbup.errors import (
     ConflictError,
@@ -131,6 +131,55 @@ class UploadCounts:
     bytes_stored: int = 0
 
 
+@dataclass
+class Counters:
+    """Running totals since the server started, read by the metrics (pysrbup/server/metrics.py).
+
+    Always kept, cheaply: a few additions per sync, fetch frame, repair or
+    scrub (per object only where a read failed), none per upload frame. It
+    has its own leaf lock, as its callers hold per-session locks (or none).
+    """
+
+    upload_bytes: int = 0
+    fetch_bytes: int = 0
+    objects_added: int = 0
+    object_bytes_added: int = 0
+    sessions_started: int = 0
+    #: Packs verified (and repaired from parity) because a read failed.
+    read_repairs: int = 0
+    read_repaired_blocks: int = 0
+    #: Objects served after such a repair, and those reported damaged anyway.
+    read_repaired_objects: int = 0
+    read_damaged_objects: int = 0
+    scrubs: int = 0
+    scrub_blocks_checked: int = 0
+    scrub_blocks_repaired: int = 0
+    scrub_blocks_unrepairable: int = 0
+    scrub_damaged_objects: int = 0
+    #: The last scrub: when it ended (Unix time, 0 before the first), what it found lost.
+    last_scrub_time: float = 0.0
+    last_scrub_blocks_unrepairable: int = 0
+    last_scrub_damaged_objects: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, **amounts: float) -> None:
+        """Adds to the named counters."""
+        with self._lock:
+            for name, amount in amounts.items():
+                setattr(self, name, getattr(self, name) + amount)
+
+    def set(self, **values: float) -> None:
+        """Sets the named values (the last scrub's)."""
+        with self._lock:
+            for name, value in values.items():
+                setattr(self, name, value)
+
+    def snapshot(self) -> dict[str, float]:
+        """Every value, consistently."""
+        with self._lock:
+            return {f.name: getattr(self, f.name) for f in fields(self) if f.name[0] != "_"}
+
+
 class Repository:
     """A pysrbup repository directory, opened by one server process."""
 
@@ -176,6 +225,7 @@ class Repository:
         self._sessions: dict[str, Session] = {}
         self._sessions_lock = threading.Lock()
         self._session_counter = 0
+        self.counters = Counters()
         self._gc_lock = threading.Lock()
         # Guards a pack file's life (parity, repair, scrub, compaction) apart from
         # _gc_lock, so a commit never waits for parity being computed.
@@ -377,7 +427,13 @@ class Repository:
             self._session_counter += 1
             session = Session(os.urandom(16).hex(), self._session_counter, session_public)
             self._sessions[session.session_id] = session
+        self.counters.add(sessions_started=1)
         return session.session_id
+
+    @property
+    def open_sessions(self) -> int:
+        """Writing sessions open now (for the metrics)."""
+        return len(self._sessions)
 
     def session(self, session_id: str, seq: int, signature: bytes, op: str, body: bytes) -> Session:
         """The session a request names, once its session proof verifies (each seq once)."""
@@ -434,7 +490,9 @@ class Repository:
         fresh = session.writer.sync()
         if fresh:
             self.index.add_objects(session.pack, fresh)
-            session.stored_bytes += sum(e.length for e in fresh)
+            added = sum(e.length for e in fresh)
+            session.stored_bytes += added
+            self.counters.add(objects_added=len(fresh), object_bytes_added=added)
 
     def _seal_session_pack(self, session: Session) -> None:
         if session.writer is None:
@@ -809,6 +867,7 @@ class Repository:
             except FileNotFoundError:
                 log.error("pack %s is missing: its objects are lost", path)
                 return False
+        self.counters.add(read_repairs=1, read_repaired_blocks=result.blocks_repaired)
         if result.blocks_repaired:
             log.warning("repaired %d damaged block(s) of %s", result.blocks_repaired, path)
         return not result.unprotected and not result.blocks_unrepairable
@@ -861,6 +920,19 @@ class Repository:
             report.blocks_unrepairable += result.blocks_unrepairable
             if bad_ids or result.blocks_unrepairable:
                 report.damaged[name] = bad_ids
+        damaged = sum(len(ids) for ids in report.damaged.values())
+        self.counters.add(
+            scrubs=1,
+            scrub_blocks_checked=report.blocks_checked,
+            scrub_blocks_repaired=report.blocks_repaired,
+            scrub_blocks_unrepairable=report.blocks_unrepairable,
+            scrub_damaged_objects=damaged,
+        )
+        self.counters.set(
+            last_scrub_time=time.time(),
+            last_scrub_blocks_unrepairable=report.blocks_unrepairable,
+            last_scrub_damaged_objects=damaged,
+        )
         return report
 
     def _rewrite_pack(self, pack: int, path: str, size: int) -> int:
@@ -952,7 +1024,10 @@ class Repository:
                     repaired[where[0]] = self._repair(where[0])
                 if repaired[where[0]]:
                     payload = self._read(oid, *where)
+                if payload is not None:
+                    self.counters.add(read_repaired_objects=1)
             if payload is None:
+                self.counters.add(read_damaged_objects=1)
                 yield oid, wire.FETCH_DAMAGED, b""
             else:
                 yield oid, wire.FETCH_FOUND, payload
