@@ -183,12 +183,12 @@ def data_set_a(args) -> dict:
             ours._client("--json", "restore", ours.last_id, os.path.join(work, "r1"), ours.key)
         )
         full_fetched = json.loads(stdout)["bytes_fetched"]
-        pattern = f"data/{target}"
+        pattern = f"/data/{target}"  # anchored: only the trees on its way
         restore_one = ["--json", "restore", ours.last_id, os.path.join(work, "r2"), ours.key]
         one, stdout, _ = ours._measure(ours._client(*restore_one, "--include", pattern))
         one_fetched = json.loads(stdout)["bytes_fetched"]
         with (
-            open(os.path.join(work, "r2", pattern), "rb") as a,
+            open(os.path.join(work, "r2", pattern.lstrip("/")), "rb") as a,
             open(os.path.join(data, target), "rb") as b,
         ):
             assert a.read() == b.read(), "the restored file differs"

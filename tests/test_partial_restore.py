@@ -69,3 +69,25 @@ def test_a_subpath_is_restored_as_the_root(tmp_path, client, key_file):
     missing = client.run("restore", f"{backup_id}:no/such/path", str(tmp_path / "x"), key_file)
     assert missing.returncode == 1 and "no such file or directory" in missing.stderr
     assert_no_traceback(missing)
+
+
+def test_an_anchored_include_reads_only_the_trees_on_its_way(tmp_path, client, key_file):
+    src = tmp_path / "src"
+    for d in range(40):
+        for sub in ("a", "b"):
+            (src / f"d{d:02d}" / sub).mkdir(parents=True)
+            (src / f"d{d:02d}" / sub / "f.txt").write_text(f"{d} {sub}\n" * 50)
+    backup_id = backup_id_in(client.run("backup", str(src), key_file, check=True).stdout)
+    anchored = _restore(client, key_file, backup_id, tmp_path / "one", "--include", "/src/d07/a")
+    anywhere = _restore(client, key_file, backup_id, tmp_path / "any", "--include", "d07/a")
+    for root in (tmp_path / "one", tmp_path / "any"):
+        assert _files(root) == {"src/d07/a/f.txt"}
+        assert (root / "src/d07/a/f.txt").read_text() == "7 a\n" * 50
+    # The unanchored pattern may match at any depth, so every tree is read; the
+    # anchored one reads the root, src, d07 and d07/a (and the one chunk).
+    assert anchored["bytes_fetched"] * 4 < anywhere["bytes_fetched"], (anchored, anywhere)
+    star = _restore(client, key_file, backup_id, tmp_path / "star", "--include", "/src/d1*/b")
+    assert star["files"] == 10
+    assert _files(tmp_path / "star") == {f"src/d1{i}/b/f.txt" for i in range(10)}
+    deep = _restore(client, key_file, backup_id, tmp_path / "deep", "--include", "/src/**/f.txt")
+    assert deep["files"] == 80

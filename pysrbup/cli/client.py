@@ -14,7 +14,7 @@ import os
 import re
 import sys
 
-from pysrbup.cli.common import report_error, version_text
+from pysrbup.cli.common import VersionAction, report_error
 from pysrbup.errors import (
     EXIT_OK,
     IncompleteError,
@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="pysrbup-client",
         description="Encrypted, deduplicated backups to a pysrbup server.",
     )
-    parser.add_argument("--version", action="version", version=version_text("pysrbup-client"))
+    parser.add_argument("--version", action=VersionAction)
     parser.add_argument(
         "--server-address",
         default=os.environ.get(ENV_SERVER, DEFAULT_SERVER),
@@ -163,7 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="PATTERN",
         help="restore only paths matching PATTERN (matched against the path below restore_dir, "
-        "e.g. src/sub/file; the --exclude pattern language of backup; repeatable)",
+        "e.g. src/sub/file; the --exclude pattern language of backup; repeatable). Anchor it "
+        "(/src/sub/file) to read only the directories on its way: without the leading / it "
+        "may match at any depth",
     )
     p.add_argument(
         "--exclude",
@@ -911,10 +913,19 @@ def _stdout_closed() -> int:
 
 def _print_lines(lines) -> int:
     """Prints each line as it comes (``ls``, ``find`` and ``diff`` stream their output)."""
+    out = sys.stdout
+    batch: list[str] = []
     try:
         for line in lines:
-            print(line)
-        sys.stdout.flush()
+            batch.append(line)
+            if len(batch) >= 256:  # one write per batch: print() per line costs 8 us
+                batch.append("")
+                out.write("\n".join(batch))
+                batch.clear()
+        if batch:
+            batch.append("")
+            out.write("\n".join(batch))
+        out.flush()
     except BrokenPipeError:
         return _stdout_closed()
     return EXIT_OK

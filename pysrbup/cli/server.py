@@ -9,7 +9,7 @@ import sys
 import threading
 import time
 
-from pysrbup.cli.common import report_error, version_text
+from pysrbup.cli.common import VersionAction, report_error
 from pysrbup.errors import EXIT_OK, PysrbupError
 
 
@@ -17,7 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pysrbup-server", description="Store encrypted pysrbup backups."
     )
-    parser.add_argument("--version", action="version", version=version_text("pysrbup-server"))
+    parser.add_argument("--version", action=VersionAction)
     parser.add_argument("--bind-to", default="localhost:50000", help="address:port to listen on")
     parser.add_argument("--num-threads", type=int, default=2, help="worker threads")
     parser.add_argument(

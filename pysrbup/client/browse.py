@@ -50,6 +50,9 @@ from pysrbup.textsafe import printable
 TREE_CACHE_BYTES = 32 * 1024 * 1024
 #: Trees fetched in one request when a depth-first walk needs one it does not have.
 PREFETCH_TREES = 256
+#: Trees fetched, a level of directories per request, when a walk that reads everything
+#: below a directory needs one it does not have (see ``Trees.load``).
+DESCEND_TREES = 2048
 #: Entries looked at ahead of the walk to find those trees.
 PREFETCH_SCAN = 16 * PREFETCH_TREES
 #: Plaintext bytes of file data fetched per request by ``dump``.
@@ -107,10 +110,25 @@ class Trees:
             oid = next(iter(pending))
             raise IntegrityError(f"the server did not send tree {oid.hex()[:16]}")
 
-    def load(self, oids: Iterable[bytes]) -> None:
-        """Fetches those of ``oids`` not at hand, in one request per ``FETCH_IDS``."""
-        for oid, parsed, size in self.fetch(o for o in oids if o not in self._cache):
-            self._keep(oid, parsed, size)
+    def load(self, oids: Iterable[bytes], descend: bool = False) -> None:
+        """Fetches those of ``oids`` not at hand, in one request per ``FETCH_IDS``.
+
+        ``descend``: then the directories below them too, a level per request,
+        up to ``DESCEND_TREES`` trees in all (a depth-first walk would
+        otherwise ask for each new level on its own).
+        """
+        wave = [o for o in dict.fromkeys(oids) if o not in self._cache]
+        budget = DESCEND_TREES
+        while wave:
+            below: dict[bytes, None] = {}
+            budget -= len(wave)
+            for oid, parsed, size in self.fetch(wave):
+                self._keep(oid, parsed, size)
+                if descend and budget > len(below):
+                    for node in parsed.nodes:
+                        if node.type == NODE_DIR and node.subtree not in self._cache:
+                            below[node.subtree] = None
+            wave = list(below)[: max(budget, 0)] if descend else []
 
     def get(self, oid: bytes) -> repo_pb2.Tree:
         """The parsed tree ``oid``, fetched if it is not at hand."""
@@ -150,13 +168,15 @@ def preorder(
     items: Sequence,
     needs: Callable[[object], tuple[bytes, ...]],
     expand: Callable[[object], Sequence],
+    descend: bool = False,
 ) -> Iterator:
     """Yields ``items``, each followed by what ``expand`` makes of it, depth first.
 
     ``needs(item)`` names the trees ``expand(item)`` reads (none: nothing
     below it). When one is not at hand, it and the trees the walk needs next
     (up to ``PREFETCH_TREES``, from the entries ahead on every level) are
-    fetched in one request.
+    fetched in one request; ``descend`` (a walk that reads everything below)
+    also fetches the directories below those, level by level (``Trees.load``).
     """
     stack: list[list] = [[items, 0]]
     while stack:
@@ -172,7 +192,7 @@ def preorder(
         if not ids:
             continue
         if any(oid not in trees for oid in ids):
-            trees.load([*ids, *_upcoming(trees, stack, needs)])
+            trees.load([*ids, *_upcoming(trees, stack, needs)], descend)
         children = expand(item)
         if children:
             stack.append([children, 0])
@@ -335,7 +355,7 @@ def list_entries(
     if not recursive:
         yield from items
         return
-    yield from preorder(trees, items, _dir_needs, lambda entry: trees.entries(*entry))
+    yield from preorder(trees, items, _dir_needs, lambda entry: trees.entries(*entry), True)
 
 
 # ---- find -------------------------------------------------------------------------
@@ -629,7 +649,7 @@ class _Reader:
 
 def _walk_below(trees: Trees, top: Entry) -> Iterator[Entry]:
     """``top`` and, if it is a directory, everything below it, depth first."""
-    return preorder(trees, [top], _dir_needs, lambda entry: trees.entries(*entry))
+    return preorder(trees, [top], _dir_needs, lambda entry: trees.entries(*entry), True)
 
 
 def _archive_names(top: Entry) -> Callable[[bytes], bytes]:

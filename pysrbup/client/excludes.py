@@ -82,6 +82,24 @@ class Pattern:
         return any(_match_prefix(self.parts, components, start) for start in starts)
 
 
+    def may_match_below(self, components: list[str]) -> bool:
+        """Whether the pattern can match the directory ``components`` or a path below it.
+
+        Only an anchored pattern can rule that out: one that may start at any
+        component may match anywhere below.
+        """
+        if not self.anchored:
+            return True
+        if self.ignore_case:
+            components = [c.lower() for c in components]
+        for part, component in zip(self.parts, components, strict=False):
+            if part == "**":
+                return True
+            if not fnmatch.fnmatchcase(component, part):
+                return False
+        return True  # the directory is a prefix of what it matches, or matched by it
+
+
 def _match_prefix(parts: list[str], components: list[str], start: int) -> bool:
     """Whether ``parts`` match ``components[start:start + k]`` for some k (a parent counts)."""
     if not parts:
@@ -138,6 +156,11 @@ class Excludes:
             return False
         components = [c for c in path.split("/") if c]
         return any(p.matches(components) for p in self.patterns)
+
+    def may_match_below(self, directory: str) -> bool:
+        """Whether a pattern can match ``directory`` or something below it (to prune walks)."""
+        components = [c for c in directory.split("/") if c]
+        return any(p.may_match_below(components) for p in self.patterns)
 
     def too_large(self, size: int) -> bool:
         return self.larger_than is not None and size > self.larger_than

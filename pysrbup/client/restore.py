@@ -184,8 +184,9 @@ class Restore:
         Paths are relative to the restore target (``src/sub/file``). A path is
         restored when no exclude pattern matches it and, if there are include
         patterns, one matches it or a directory above it; directories on the
-        way to a restored path are restored too. The trees fetched are kept
-        for the restore itself.
+        way to a restored path are restored too. A directory no include
+        pattern can match below (anchored patterns, ``/src/sub/file``) is not
+        read. The trees fetched are kept for the restore itself.
         """
         level = [("", node, False) for node in root_nodes]
         while level:
@@ -197,7 +198,9 @@ class Restore:
                 here = included or self._includes is None or self._includes.excluded(path)
                 if here:
                     self._mark(path)
-                if node.type == repo_pb2.NODE_DIR:
+                if node.type == repo_pb2.NODE_DIR and (
+                    here or self._includes.may_match_below(path)  # anchored includes prune
+                ):
                     descend.append((path, node, here))
             plains = dict(self._fetch_trees([node.subtree for _, node, _ in descend]))
             level = []
