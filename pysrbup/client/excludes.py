@@ -81,7 +81,6 @@ class Pattern:
         starts = [0] if self.anchored else range(len(components))
         return any(_match_prefix(self.parts, components, start) for start in starts)
 
-
     def may_match_below(self, components: list[str]) -> bool:
         """Whether the pattern can match the directory ``components`` or a path below it.
 
