@@ -14,10 +14,16 @@ load, for each tool:
    by ``--size``),
 4. full restore of the mutated backup (verified identical to the source),
 
-plus repository size, client CPU and peak RSS (``wait4`` rusage) and server
-CPU and peak RSS (``/proc``, pysrbup only: restic and borg write a local
-repository in-process). The result is a markdown table with ratios against
-restic.
+plus repository size, client CPU, peak RSS and minor page faults (``wait4``
+rusage, per phase) and server CPU, peak RSS and minor page faults (``/proc``,
+pysrbup only: restic and borg write a local repository in-process). The
+result is a markdown table with ratios against restic.
+
+``--data real`` replaces the generated set with copies of system directories
+(``bench/real_tree.py``: ``/usr/share``, ``/usr/include``, Python installs;
+``--files`` entries, default 100,000): many small real files, shared
+libraries, duplicated installs. The same mutation is applied, scaled by the
+tree's size.
 
 pysrbup runs with a server on loopback. ``--pysrbup NAME=PATH`` (repeatable)
 adds a pysrbup checkout to compare, e.g. a ``git worktree`` of an older
@@ -26,6 +32,7 @@ its baseline in the same run. restic and borg are installed from apt when
 missing (``apt-get update`` once, then ``apt-get install -y restic borgbackup``).
 
     .venv/bin/python bench/compare.py --size 300 --work /tmp/cmp
+    .venv/bin/python bench/compare.py --tools pysrbup,restic --data real
 """
 
 from __future__ import annotations
@@ -155,10 +162,14 @@ def generate(root: str, size_mb: int, seed: int = 1) -> dict:
 
 
 def _all_files(root: str) -> list[str]:
+    """Every regular file below ``root`` (not symlinks), in a stable order."""
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
-        found += [os.path.join(dirpath, f) for f in sorted(filenames)]
+        for name in sorted(filenames):
+            path = os.path.join(dirpath, name)
+            if stat.S_ISREG(os.lstat(path).st_mode):
+                found.append(path)
     return found
 
 
@@ -194,14 +205,18 @@ def mutate(root: str, size_mb: int, seed: int = 2) -> dict:
 
 
 def tree_digest(root: str) -> dict[str, tuple]:
-    """Relative path -> (kind, size, sha256) of every file and directory."""
+    """Relative path -> (kind, size, mode, sha256 or link target) of every entry."""
     out: dict[str, tuple] = {}
     for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames:
-            out[os.path.relpath(os.path.join(dirpath, name), root)] = ("dir",)
-        for name in filenames:
+        for name in dirnames + filenames:
             path = os.path.join(dirpath, name)
             st = os.lstat(path)
+            if stat.S_ISLNK(st.st_mode):
+                out[os.path.relpath(path, root)] = ("link", os.readlink(path))
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                out[os.path.relpath(path, root)] = ("dir",)
+                continue
             digest = hashlib.sha256()
             with open(path, "rb") as handle:
                 while block := handle.read(4 * MiB):
@@ -224,6 +239,9 @@ class Run:
     cpu: float
     max_rss: int  # bytes
     server_cpu: float = 0.0
+    minflt: int = 0  # minor page faults of the command (and its children)
+    server_minflt: int = 0
+    server_rss: int = 0  # server peak RSS during the command (bytes; pysrbup only)
 
 
 #: A tiny process started before the data set is generated runs every measured
@@ -239,7 +257,8 @@ for line in sys.stdin:
         _, status, usage = os.wait4(proc.pid, 0)
         seconds = time.perf_counter() - t0
     print(json.dumps([seconds, os.waitstatus_to_exitcode(status),
-                      usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024]), flush=True)
+                      usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024,
+                      usage.ru_minflt]), flush=True)
 """
 
 
@@ -263,14 +282,14 @@ class Runner:
         job = {"cmd": cmd, "env": env or dict(os.environ), "cwd": cwd, "out": out, "err": err}
         self.proc.stdin.write(json.dumps(job) + "\n")
         self.proc.stdin.flush()
-        seconds, code, cpu, rss = json.loads(self.proc.stdout.readline())
+        seconds, code, cpu, rss, minflt = json.loads(self.proc.stdout.readline())
         with open(out, errors="replace") as handle:
             stdout = handle.read()
         with open(err, errors="replace") as handle:
             stderr = handle.read()
         if code != 0:
             raise RuntimeError(f"{' '.join(cmd)} exited {code}:\n{stdout}\n{stderr}")
-        return Run(seconds, cpu, rss), stdout, stderr
+        return Run(seconds, cpu, rss, minflt=minflt), stdout, stderr
 
     def close(self) -> None:
         self.proc.stdin.close()
@@ -296,10 +315,18 @@ def dir_size(path: str, skip_suffix: str | None = None) -> int:
     return total
 
 
-def _proc_cpu(pid: int) -> float:
+def _proc_stat(pid: int) -> list[str]:
     with open(f"/proc/{pid}/stat") as handle:
-        fields = handle.read().rsplit(")", 1)[1].split()
+        return handle.read().rsplit(")", 1)[1].split()
+
+
+def _proc_cpu(pid: int) -> float:
+    fields = _proc_stat(pid)
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _proc_minflt(pid: int) -> int:
+    return int(_proc_stat(pid)[7])
 
 
 def _proc_hwm(pid: int) -> int:
@@ -396,10 +423,12 @@ class Pysrbup(Tool):
         pid = self.server.pid
         with open(f"/proc/{pid}/clear_refs", "w") as handle:  # reset VmHWM
             handle.write("5")
-        before = _proc_cpu(pid)
+        before, faults = _proc_cpu(pid), _proc_minflt(pid)
         run, out, err = wait4_run(cmd, env=self.env, cwd=self.checkout)
         run.server_cpu = _proc_cpu(pid) - before
-        self.server_hwm = max(self.server_hwm, _proc_hwm(pid))
+        run.server_minflt = _proc_minflt(pid) - faults
+        run.server_rss = _proc_hwm(pid)
+        self.server_hwm = max(self.server_hwm, run.server_rss)
         return run, out, err
 
     def backup(self, phase: str, data: str) -> Run:
@@ -555,9 +584,36 @@ def table(tools: list[Tool], data_bytes: int) -> str:
         lambda v: f"{v:.1f}" if v else "-",
     )
     row(
+        "restore server CPU (s)",
+        lambda t: t.results["restore"].server_cpu,
+        lambda v: f"{v:.1f}" if v else "-",
+    )
+    row(
         "client peak RSS (MiB)",
         lambda t: max(r.max_rss for r in t.results.values()) / MiB,
         lambda v: f"{v:.0f}",
+    )
+    for phase in PHASES:
+        row(
+            f"{phase} client peak RSS (MiB)",
+            lambda t, p=phase: t.results[p].max_rss / MiB,
+            lambda v: f"{v:.0f}",
+        )
+    for phase in ("initial", "restore"):
+        row(
+            f"{phase} client minor faults (k)",
+            lambda t, p=phase: t.results[p].minflt / 1000,
+            lambda v: f"{v:.0f}",
+        )
+    row(
+        "restore server minor faults (k)",
+        lambda t: t.results["restore"].server_minflt / 1000,
+        lambda v: f"{v:.0f}" if v else "-",
+    )
+    row(
+        "restore server peak RSS (MiB)",
+        lambda t: t.results["restore"].server_rss / MiB,
+        lambda v: f"{v:.0f}" if v else "-",
     )
     lines.append(
         "| server peak RSS (MiB) | "
@@ -585,12 +641,30 @@ def _log(phase: str, tool: Tool) -> None:
     print(f"{phase:10} {tool.name:14} {tool.results[phase].seconds:7.2f} s", file=sys.stderr)
 
 
-def one_round(tools: list[Tool], work: str, size_mb: int) -> tuple[dict, dict]:
+def make_data(data: str, kind: str, size_mb: int, files: int) -> dict:
+    """Writes the data set: ``synthetic`` (``generate``) or ``real`` (system directories)."""
+    if kind == "real":
+        from real_tree import copy_real_tree  # beside this file
+
+        copied = copy_real_tree(data, files)
+        return {
+            "bytes": copied["bytes"],
+            "small_files": copied["entries"],
+            "sources": copied["sources"],
+        }
+    return generate(data, size_mb)
+
+
+def one_round(
+    tools: list[Tool], work: str, size_mb: int, kind: str = "synthetic", files: int = 100_000
+) -> tuple[dict, dict]:
     """Fresh data and repositories; every phase for every tool, interleaved."""
     data = os.path.join(work, "data")
     t0 = time.perf_counter()
-    described = generate(data, size_mb)
+    described = make_data(data, kind, size_mb, files)
     print(f"generated {described} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    if kind == "real":  # the mutation scales with the size of the tree
+        size_mb = max(1, described["bytes"] // MB)
     try:
         for tool in tools:
             tool.setup()
@@ -635,6 +709,9 @@ def combine(rounds: list[list[Tool]]) -> list[Tool]:
                 statistics.median(r.cpu for r in runs),
                 max(r.max_rss for r in runs),
                 statistics.median(r.server_cpu for r in runs),
+                int(statistics.median(r.minflt for r in runs)),
+                int(statistics.median(r.server_minflt for r in runs)),
+                max(r.server_rss for r in runs),
             )
         tool.repo_size = int(statistics.median(t.repo_size for t in column))
         tool.repo_total = int(statistics.median(t.repo_total for t in column))
@@ -646,6 +723,19 @@ def combine(rounds: list[list[Tool]]) -> list[Tool]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=int, default=976, help="data set size in MB (default 976)")
+    parser.add_argument(
+        "--data",
+        choices=("synthetic", "real"),
+        default="synthetic",
+        help="synthetic: the generated mixed set (--size); real: copies of system "
+        "directories (bench/real_tree.py, --files entries)",
+    )
+    parser.add_argument(
+        "--files",
+        type=int,
+        default=100_000,
+        help="entries in the real-tree data set (default 100,000)",
+    )
     parser.add_argument("--work", default="/tmp/pysrbup-compare", help="scratch directory")
     parser.add_argument("--threads", type=int, default=2, help="pysrbup --num-threads")
     parser.add_argument(
@@ -679,7 +769,7 @@ def main(argv: list[str] | None = None) -> int:
         for number in range(args.rounds):
             work = os.path.join(args.work, f"round{number}")
             tools = make_tools(args, wanted, work, python)
-            described, mutated = one_round(tools, work, args.size)
+            described, mutated = one_round(tools, work, args.size, args.data, args.files)
             data_bytes = sum(os.path.getsize(f) for f in _all_files(os.path.join(work, "data")))
             rounds.append(tools)
             if not args.keep:
@@ -693,8 +783,13 @@ def main(argv: list[str] | None = None) -> int:
     }
     print()
     print(
-        f"Data set: {data_bytes / MB:.0f} MB ({described['small_files']} small files), "
-        f"mutation: {mutated}; {os.cpu_count()} CPUs; --num-threads={args.threads}; "
+        f"Data set ({args.data}): {data_bytes / MB:.0f} MB "
+        + (
+            f"({described['small_files']} entries: {', '.join(described['sources'])}), "
+            if args.data == "real"
+            else f"({described['small_files']} small files), "
+        )
+        + f"mutation: {mutated}; {os.cpu_count()} CPUs; --num-threads={args.threads}; "
         + ", ".join(f"{k}: {v}" for k, v in versions.items() if k in wanted)
     )
     print(

@@ -147,7 +147,7 @@ def test_restore_plans_each_chunk_once_at_every_offset(served, tmp_path):
     job = Restore(served.remote, 2)
     job.run(backup_id, str(tmp_path / "out"))
     assert snapshot_tree(str(tmp_path / "out" / "src")) == snapshot_tree(str(src))
-    places = {oid: [(p[2], p[3], p[4]) for p in plan] for oid, plan in job._targets.items()}
+    places = job.planned()
     per_file: dict[str, list[tuple[int, int]]] = {}
     for plan in places.values():
         for path, offset, size in plan:

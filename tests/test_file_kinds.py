@@ -413,7 +413,7 @@ def test_dry_run_says_what_is_new_and_stores_nothing(tmp_path, client, key_file,
 
 
 def test_holes_are_zero_filled_without_reading_and_give_the_same_bytes(tmp_path):
-    from pysrbup.client.backup import _SparseReader
+    from pysrbup.client.file_saver import _SparseReader
 
     path = tmp_path / "holes.img"
     with open(path, "wb") as handle:

@@ -172,10 +172,11 @@ def test_files_cache_log_survives_a_torn_tail(tmp_path):
     with open(folder / "files", "ab") as handle:
         handle.write(b"\x50\x00\x00\x00torn")
     again = FilesCache(b"r", folder=str(folder)).open()
-    assert set(again.entries) == {b"/a", b"/b"}
+    assert len(again) == 2
+    assert again.lookup(b"/a", st) is not None and again.lookup(b"/b", st) is not None
     assert again.lookup(b"/b", st).chunk_ids == b"\2" * 64
     again.add(b"/c", st, b"\3" * 32, b"\0" * 4, now)
     again.close()
     third = FilesCache(b"r", folder=str(folder)).open()
-    assert set(third.entries) == {b"/a", b"/b", b"/c"}
+    assert len(third) == 3 and third.lookup(b"/c", st).chunk_ids == b"\3" * 32
     third.close()

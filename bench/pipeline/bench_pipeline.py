@@ -28,6 +28,7 @@ from compare import TextSource
 
 from pysrbup._native import chunker, framing
 from pysrbup.client import uploader as uploader_mod
+from pysrbup.client.file_saver import compressible
 from pysrbup.repo import envelope
 
 MiB = 1024 * 1024
@@ -68,16 +69,6 @@ CHUNKS = _chunks()
 SEALER = envelope.Sealer(MAC_KEY, b"s" * 32, b"k" * 16)
 
 
-def _backup_stub():
-    from pysrbup.client.backup import Backup
-
-    stub = Backup.__new__(Backup)
-    import threading
-
-    stub._local = threading.local()
-    return stub
-
-
 def test_chunk_and_hash(throughput):
     buf = bytearray(len(DATA))
 
@@ -93,12 +84,11 @@ def test_chunk_and_hash(throughput):
 
 
 def test_seal(throughput):
-    backup = _backup_stub()
     oids = [envelope.object_id(MAC_KEY, c) for c in CHUNKS]
 
     def run():
         for oid, chunk in zip(oids, CHUNKS, strict=True):
-            SEALER.seal(oid, chunk, compress=backup._compressible(chunk))
+            SEALER.seal(oid, chunk, compress=compressible(chunk))
 
     throughput(run, len(DATA), rounds=3, group="pipeline stages")
 

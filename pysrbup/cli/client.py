@@ -66,7 +66,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get(ENV_SERVER, DEFAULT_SERVER),
         help=f"host:port of the server (env {ENV_SERVER}; default {DEFAULT_SERVER})",
     )
-    parser.add_argument("--num-threads", type=int, default=2, help="worker threads")
+    parser.add_argument(
+        "--num-threads",
+        type=int,
+        default=os.cpu_count() or 2,
+        help="parallel workers (default: the number of cores): backup runs this many worker "
+        "processes, each reading, chunking and sealing files (and 2 threads sealing a large "
+        "file's chunks); restore fetches and writes with this many threads",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument(
         "--tls-ca",

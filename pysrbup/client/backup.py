@@ -1,32 +1,33 @@
-"""Backing up a directory tree: a pipeline of threads that keeps every core busy.
+"""Backing up a directory tree: worker processes do the per-file work, the main process
+assembles trees and uploads.
 
 ::
 
-    walker (main thread)   lstat, files cache ──hit──▶ node from the cache
-          │ miss                                       (ids still in the synced id set)
+    worker processes xN    scandir, lstat, xattrs, node ─▶ files cache hit? ─▶ node as cached
+    (workers.py)           miss: read (pooled buffers) ─▶ CDC cut points ─▶ keyed BLAKE3 id
+                           ─▶ new? zstd + AES-256-GCM into a shared-memory arena
+          │ descriptors only: entries (node bytes, chunk ids), objects (arena, offset, length)
           ▼
-    file workers xN        readinto pooled blocks ─▶ CDC cut points (native, no GIL)
-                           ─▶ keyed BLAKE3 id (no GIL) ─▶ known? ─yes─▶ just the id
-          │ new chunk (a view into the block: no copy)
-          ▼
-    seal workers xN        zstd (no GIL; skipped when a sample does not shrink)
-                           ─▶ AES-256-GCM ─▶ uploader.put (framed, one copy)
+    main process           claims each object (one copy per id), hands arena bytes to the
+                           uploader without copying, frees arenas once framed; builds each
+                           directory's tree from its entries' bytes when the last one is in
           ▼
     uploader thread        raw-bytes stream; acks as frames become durable
                            ─▶ files cache entries whose chunks are now all durable
 
-Threads, not processes, because the heavy stages release the GIL (measured
-here: the chunker, blake3, zstandard and file reads); AES-GCM holds it but
-runs at ~9 GB/s, and processes would cost a copy of every chunk between them.
-Small files (one read) are handled start to end by their file worker; larger
-files hand each new chunk to the seal pool as a view into a pooled block, so
-one big file still keeps both cores busy. Blocks are reused (no page faults
-per chunk) and the pool bounds memory.
+Why processes: on trees of many small files the cost is per file (a handful
+of system calls and some Python per entry), and threads of one process hand
+the GIL back and forth at every one of them (38 futex calls per file were
+measured). Each worker runs its small files start to end on one thread; the
+chunks of a large file are sealed by a few threads inside the worker (zstd and
+AES-GCM release the GIL). ``num_threads`` is the number of worker processes
+(default: the machine's cores); the main process adds an uploader thread.
 
 Directories complete asynchronously: each keeps a count of unfinished
-entries, and whichever thread finishes the last one stores the directory's
-``Tree`` object and reports to its parent. The snapshot record is committed
-only after the uploader has every object acknowledged as durable.
+entries, and when the last one is in, its ``Tree`` object is stored and it
+reports to its parent. The snapshot record is committed only after the
+uploader has every object acknowledged as durable. ``backup --stdin`` saves
+one stream in the main process, with the same ``FileSaver``.
 """
 
 from __future__ import annotations
@@ -34,22 +35,24 @@ from __future__ import annotations
 import contextlib
 import getpass
 import os
-import queue
 import socket
 import stat
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-
-import zstandard
+from multiprocessing.connection import wait
 
 from pysrbup._native import chunker
+from pysrbup.client import workers
 from pysrbup.client.excludes import Excludes
+from pysrbup.client.file_saver import Block, BlockPool, FileSaver, seal
 from pysrbup.client.filescache import FilesCache
 from pysrbup.client.idcache import IdCache
+from pysrbup.client.nodes import NodeMaker
 from pysrbup.client.progress import Progress
 from pysrbup.client.repository import RemoteRepository
 from pysrbup.client.retry import retrying
@@ -63,19 +66,8 @@ from pysrbup.repo.wire import ID_SIZE
 from pysrbup.textsafe import printable
 
 SNAPSHOT_VERSION = 1
-#: Read size of the block pipeline; a block also holds the carried tail (< max chunk).
-READ_BYTES = 4 * 1024 * 1024
-BLOCK_BYTES = READ_BYTES + chunker.DEFAULT_MAX
-#: Files up to this size are read in one go and sealed by their file worker.
-SMALL_FILE = 1024 * 1024
-#: Incompressibility check: this many 1 KiB slices, spread over the chunk, are
-#: compressed first (~30 µs); zstd runs on the chunk only if they shrink.
-SAMPLE_SLICES = 32
-SAMPLE_SLICE = 1024
-SAMPLE_RATIO = 0.99
-#: Zeros to fill the holes of sparse files with (one block's worth, shared).
-_ZEROS = memoryview(bytes(BLOCK_BYTES))
-FILE_QUEUE = 256
+#: Threads sealing the chunks of one large file, per worker process.
+SEAL_THREADS = 2
 
 
 @dataclass
@@ -112,105 +104,17 @@ class BackupResult:
         }
 
 
-def _owner_names(st: os.stat_result) -> tuple[str, str]:
-    try:
-        import grp
-        import pwd
-
-        user = pwd.getpwuid(st.st_uid).pw_name
-    except (KeyError, ImportError):
-        user = ""
-    try:
-        group = grp.getgrgid(st.st_gid).gr_name
-    except (KeyError, NameError):
-        group = ""
-    return user, group
-
-
-def _base_node(name: bytes, st: os.stat_result, kind: int) -> repo_pb2.Node:
-    return repo_pb2.Node(
-        name=name,
-        type=kind,
-        mode=stat.S_IMODE(st.st_mode),
-        uid=st.st_uid,
-        gid=st.st_gid,
-        mtime_ns=st.st_mtime_ns,
-    )
-
-
-class _Block:
-    """A reusable read buffer; chunks in flight hold references to it."""
-
-    __slots__ = ("buf", "pool", "refs", "view")
-
-    def __init__(self, pool: queue.LifoQueue):
-        self.buf = bytearray(BLOCK_BYTES)
-        self.view = memoryview(self.buf)
-        self.pool = pool
-        self.refs = 0
-
-    def release(self, lock: threading.Lock) -> None:
-        with lock:
-            self.refs -= 1
-            free = self.refs == 0
-        if free:
-            self.pool.put(self)
-
-
-class _SparseReader:
-    """``readinto`` over a file with holes: data is read, holes are zero-filled.
-
-    SEEK_DATA/SEEK_HOLE say where the data is; a hole costs no read and no
-    page of the page cache. The bytes are the same as a plain read's, so the
-    chunks (and their ids) are the same as for a dense copy of the file.
-    """
-
-    def __init__(self, handle):
-        self.handle = handle
-        self.fd = handle.fileno()
-        self.end = os.fstat(self.fd).st_size
-
-    def readinto(self, view: memoryview) -> int:
-        pos = self.handle.tell()
-        if pos >= self.end:
-            return 0
-        try:
-            data = os.lseek(self.fd, pos, os.SEEK_DATA)
-        except OSError:  # ENXIO: only a hole is left up to the end
-            data = self.end
-        if data > pos:  # a hole: zeros, without reading them
-            count = min(data - pos, len(view))
-            view[:count] = _ZEROS[:count]
-            self.handle.seek(pos + count)
-            return count
-        hole = os.lseek(self.fd, pos, os.SEEK_HOLE)
-        self.handle.seek(pos)
-        return self.handle.readinto(view[: min(hole - pos, len(view))])
-
-
 class _Dir:
-    """A directory whose entries are still being saved."""
+    """A directory whose entries are still being saved (main process only)."""
 
-    __slots__ = ("index", "lock", "node", "nodes", "parent", "remaining")
+    __slots__ = ("index", "node", "nodes", "parent", "remaining")
 
     def __init__(self, node: repo_pb2.Node, parent: _Dir | None, index: int):
         self.node = node
         self.parent = parent
         self.index = index
-        self.nodes: list[repo_pb2.Node | None] = []
-        self.remaining = 1  # released once every entry has been dispatched
-        self.lock = threading.Lock()
-
-
-@dataclass
-class _FileJob:
-    path: str
-    path_b: bytes
-    st: os.stat_result
-    node: repo_pb2.Node
-    parent: _Dir
-    index: int
-    now_ns: int
+        self.nodes: list[bytes | None] = []  # each entry's serialised node, in name order
+        self.remaining = 1  # released once the worker has sent every entry
 
 
 class _PendingEntry:
@@ -223,13 +127,17 @@ class _PendingEntry:
         self.waiting = 0
 
 
+def _ids(blob: bytes) -> list[bytes]:
+    return [blob[i : i + ID_SIZE] for i in range(0, len(blob), ID_SIZE)]
+
+
 class Backup:
     """One backup run against an open remote repository."""
 
     def __init__(
         self,
         repo: RemoteRepository,
-        num_threads: int = 2,
+        num_threads: int | None = None,
         progress: Progress | None = None,
         warn: Callable[[str], None] | None = None,
         excludes: Excludes | None = None,
@@ -241,9 +149,8 @@ class Backup:
         self.dry_run = dry_run
         self._excludes = excludes or Excludes()
         self._read_xattrs = xattrs
-        self._root_dev = -1
         self.key = repo._require_key()
-        self.num_threads = max(1, num_threads)
+        self.num_threads = max(1, num_threads or os.cpu_count() or 1)
         self.progress = progress or Progress("backup", enabled=False)
         self.warn = warn or (
             lambda message: print(f"warning: {printable(message)}", file=sys.stderr)
@@ -254,34 +161,17 @@ class Backup:
         # Every id this backup references (uploaded or deduplicated): before the
         # commit, any of them condemned by a concurrent delete is revived.
         self._used: set[bytes] = set()
+        self._used_blobs: list[bytes] = []  # files' chunk id lists, added to _used at the end
         # Claimed by this session, not yet acknowledged durable -> entries waiting on it.
-        self._not_durable: dict[bytes, list[_PendingEntry]] = {}
+        # (None until an entry waits: most objects never get a list.)
+        self._not_durable: dict[bytes, list[_PendingEntry] | None] = {}
         self._lock = threading.Lock()
         self._gear = chunker.gear_table(self.key.gear_seed)
-        self._sizes = (chunker.DEFAULT_MIN, chunker.DEFAULT_AVG, chunker.DEFAULT_MAX)
-        self._names: dict[tuple[int, int], tuple[str, str]] = {}
-        self._local = threading.local()
         self._fatal: BaseException | None = None
-        self._root_done = threading.Event()
-        self._root_node: repo_pb2.Node | None = None
         self._files: FilesCache | None = None
+        self._pool: workers.WorkerPool | None = None
 
     # ---- objects -------------------------------------------------------
-
-    def _sampler(self) -> zstandard.ZstdCompressor:
-        comp = getattr(self._local, "sampler", None)
-        if comp is None:
-            comp = self._local.sampler = zstandard.ZstdCompressor(level=1)
-        return comp
-
-    def _compressible(self, data) -> bool:
-        """Whether zstd is worth running: compresses ``SAMPLE_SLICES`` small slices first."""
-        size = len(data)
-        if size < 4 * SAMPLE_SLICES * SAMPLE_SLICE:
-            return True
-        step = (size - SAMPLE_SLICE) // (SAMPLE_SLICES - 1)
-        sample = b"".join(data[i * step : i * step + SAMPLE_SLICE] for i in range(SAMPLE_SLICES))
-        return len(self._sampler().compress(sample)) < SAMPLE_RATIO * len(sample)
 
     def _claim(self, oid: bytes) -> bool:
         """True if this backup must upload ``oid`` (neither stored nor claimed already)."""
@@ -290,16 +180,18 @@ class Backup:
             if oid in self._known or oid in self._claimed:
                 return False
             self._claimed.add(oid)
-            self._not_durable[oid] = []
+            self._not_durable[oid] = None
             return True
+
+    def _count_new(self, plain_bytes: int) -> None:
+        with self._lock:
+            self.result.bytes_new += plain_bytes
+            self.result.chunks_new += 1
 
     def _seal_and_put(self, oid: bytes, data) -> None:
         if not self.dry_run:
-            sealed = self._sealer.seal(oid, data, compress=self._compressible(data))
-            self._uploader.put(oid, sealed)
-        with self._lock:
-            self.result.bytes_new += len(data)
-            self.result.chunks_new += 1
+            self._uploader.put(oid, seal(self._sealer, oid, data))
+        self._count_new(len(data))
 
     def _store(self, data) -> bytes:
         """Names ``data`` and uploads it unless the repository already has it."""
@@ -308,15 +200,6 @@ class Backup:
             self._seal_and_put(oid, data)
         return oid
 
-    def _seal_job(self, oid: bytes, data, block: _Block) -> None:
-        try:
-            self._seal_and_put(oid, data)
-        except BaseException as exc:
-            self._fail(exc)
-        finally:
-            del data
-            block.release(self._lock)
-
     # ---- durability and the files cache ---------------------------------
 
     def _on_durable(self, oids: list[bytes]) -> None:
@@ -324,7 +207,7 @@ class Backup:
         ready = []
         with self._lock:
             for oid in oids:
-                for entry in self._not_durable.pop(oid, ()):
+                for entry in self._not_durable.pop(oid, None) or ():
                     entry.waiting -= 1
                     if entry.waiting == 0:
                         ready.append(entry)
@@ -334,322 +217,42 @@ class Backup:
                 files.add(entry.path, entry.st, entry.ids, entry.sizes, entry.now_ns)
             files.flush()
 
-    def _record_file(self, job: _FileJob, ids: bytes, sizes: bytes, size: int) -> None:
-        if self._files is None or size != job.st.st_size:
+    def _record_file(self, path_b: bytes, st, ids: bytes, sizes: bytes, now_ns: int) -> None:
+        """Adds a files cache entry once every chunk the file names is durable."""
+        if self._files is None:
             return
-        entry = _PendingEntry(job.path_b, job.st, ids, sizes, job.now_ns)
+        entry = _PendingEntry(path_b, st, ids, sizes, now_ns)
         with self._lock:
-            for i in range(0, len(ids), ID_SIZE):
-                waiters = self._not_durable.get(ids[i : i + ID_SIZE])
-                if waiters is not None:
+            for oid in _ids(ids):
+                if oid in self._not_durable:
+                    waiters = self._not_durable[oid]
+                    if waiters is None:
+                        waiters = self._not_durable[oid] = []
                     waiters.append(entry)
                     entry.waiting += 1
         if entry.waiting == 0:
             self._files.add(entry.path, entry.st, entry.ids, entry.sizes, entry.now_ns)
 
-    def _cached_node(self, path_b: bytes, st: os.stat_result, node: repo_pb2.Node) -> bool:
-        files = self._files
-        entry = files.lookup(path_b, st) if files is not None else None
-        if entry is None:
-            return False
-        ids = entry.chunk_ids
-        oids = [ids[i : i + ID_SIZE] for i in range(0, len(ids), ID_SIZE)]
-        known = self._known
-        if not all(oid in known for oid in oids):
-            return False  # collected by a delete since: read the file again
-        with self._lock:
-            self._used.update(oids)
-            self.result.files_cached += 1
-        files.keep(path_b)
-        node.size = entry.size
-        node.chunk_ids = ids
-        node.chunk_sizes = entry.chunk_sizes
-        return True
+    # ---- the tree, in the main process -----------------------------------------
 
-    # ---- file workers -----------------------------------------------------
-
-    def _small_buffer(self) -> memoryview:
-        view = getattr(self._local, "small", None)
-        if view is None:
-            view = self._local.small = memoryview(bytearray(SMALL_FILE + 1))
-        return view
-
-    def _read_small(self, handle, job: _FileJob, ids: list[bytes], sizes: list[int]) -> int:
-        view = self._small_buffer()
-        filled = 0
-        while filled < len(view):
-            got = handle.readinto(view[filled:])
-            if not got:
-                break
-            filled += got
-        if filled > SMALL_FILE:  # grew since lstat: take the streaming path
-            return -1
-        data = view[:filled]
-        cuts = chunker.cut_points(self._gear, data, *self._sizes, True) if filled else []
-        start = 0
-        object_id = self._sealer.object_id
-        for cut in cuts:
-            chunk = data[start:cut]
-            oid = object_id(chunk)
-            if self._claim(oid):
-                self._seal_and_put(oid, chunk)
-            ids.append(oid)
-            sizes.append(cut - start)
-            start = cut
-        self.progress.add_bytes(filled)
-        return filled
-
-    def _get_block(self) -> _Block:
-        """A free block; allocates up to the pool's limit, then waits for one."""
-        try:
-            block = self._blocks.get_nowait()
-        except queue.Empty:
-            with self._lock:
-                grow = self._blocks_made < self._blocks_max
-                self._blocks_made += grow
-            block = _Block(self._blocks) if grow else self._blocks.get()
-        block.refs = 1
-        return block
-
-    def _read_blocks(self, handle, ids: list[bytes], sizes: list[int], sparse: bool = False) -> int:
-        """Chunks a file block by block; ``sparse``: holes are zero-filled, never read."""
-        block = self._get_block()
-        filled = total = 0
-        eof = False
-        object_id = self._sealer.object_id
-        readinto = _SparseReader(handle).readinto if sparse else handle.readinto
-        try:
-            while not eof:
-                view = block.view
-                while filled < BLOCK_BYTES:
-                    got = readinto(view[filled:BLOCK_BYTES])
-                    if not got:
-                        eof = True
-                        break
-                    filled += got
-                cuts = chunker.cut_points(self._gear, view[:filled], *self._sizes, eof)
-                start = 0
-                for cut in cuts:
-                    chunk = view[start:cut]
-                    oid = object_id(chunk)
-                    if self._claim(oid):
-                        with self._lock:
-                            block.refs += 1
-                        self._seals.submit(self._seal_job, oid, chunk, block)
-                    ids.append(oid)
-                    sizes.append(cut - start)
-                    start = cut
-                total += start
-                self.progress.add_bytes(start)
-                if self._fatal is not None:
-                    raise self._fatal
-                if not eof:
-                    nxt = self._get_block()
-                    tail = filled - start
-                    nxt.view[:tail] = view[start:filled]
-                    block.release(self._lock)
-                    block, filled = nxt, tail
-        finally:
-            block.release(self._lock)
-        return total
-
-    def _save_file(self, job: _FileJob) -> repo_pb2.Node | None:
-        try:
-            fd = os.open(job.path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_NOATIME", 0))
-        except PermissionError:  # O_NOATIME needs ownership
-            try:
-                fd = os.open(job.path, os.O_RDONLY | os.O_NOFOLLOW)
-            except OSError as exc:
-                self._error(f"cannot read {job.path}: {exc.strerror}")
-                return None
-        except OSError as exc:
-            self._error(f"cannot read {job.path}: {exc.strerror}")
-            return None
-        ids: list[bytes] = []
-        sizes: list[int] = []
-        steady = True
-        try:
-            with open(fd, "rb", buffering=0) as handle:
-                for attempt in range(2):  # a file that changed while read is read once more
-                    size = -1
-                    ids.clear()
-                    sizes.clear()
-                    if job.st.st_size <= SMALL_FILE:
-                        size = self._read_small(handle, job, ids, sizes)
-                    if size < 0:
-                        handle.seek(0)
-                        ids.clear()
-                        sizes.clear()
-                        sparse = job.st.st_blocks * 512 < job.st.st_size  # has holes
-                        size = self._read_blocks(handle, ids, sizes, sparse)
-                    after = os.fstat(handle.fileno())
-                    if (after.st_size, after.st_mtime_ns) == (size, job.st.st_mtime_ns):
-                        break
-                    job.st = after
-                    if attempt == 0:
-                        handle.seek(0)
-                        continue
-                    steady = False  # not worth a files cache entry: read it again next time
-                    self._error(f"{job.path} changed while it was read; stored as read")
-        except OSError as exc:
-            self._error(f"error reading {job.path}: {exc.strerror}")
-            return None
-        node = job.node
-        node.size = size
-        node.chunk_sizes = tree.pack_sizes(sizes)
-        node.chunk_ids = b"".join(ids)
-        with self._lock:
-            self.result.files += 1
-            self.result.bytes_read += size
-            self.result.bytes_hashed += size
-        self.progress.add_file()
-        if steady:
-            self._record_file(job, node.chunk_ids, node.chunk_sizes, size)
-        return node
-
-    def _file_worker(self) -> None:
+    def _finish_entry_bytes(self, parent: _Dir, index: int, encoded: bytes | None) -> None:
+        """Records one finished entry (its node's bytes, None if skipped); stores the
+        directory when it was the last one, and so on up."""
         while True:
-            job = self._jobs.get()
-            if job is None:
+            if index >= 0:
+                parent.nodes[index] = encoded
+            parent.remaining -= 1
+            if parent.remaining:
                 return
-            try:
-                if self._fatal is None:
-                    self._finish_entry(job.parent, job.index, self._save_file(job))
-            except BaseException as exc:
-                self._fail(exc)
-
-    # ---- directories --------------------------------------------------------
-
-    def _finish_entry(self, parent: _Dir, index: int, node: repo_pb2.Node | None) -> None:
-        """Records one finished entry; stores the directory when it was the last one."""
-        while True:
-            with parent.lock:
-                if index >= 0:
-                    parent.nodes[index] = node
-                parent.remaining -= 1
-                if parent.remaining:
-                    return
-            nodes = [n for n in parent.nodes if n is not None]
-            parent.node.subtree = self._store(tree.serialize(nodes))
-            with self._lock:
-                self.result.dirs += 1
+            parent.node.subtree = self._store(
+                tree.encode([n for n in parent.nodes if n is not None])
+            )
+            self.result.dirs += 1
             if parent.parent is None:
                 self._root_node = parent.node
-                self._root_done.set()
                 return
-            parent, index, node = parent.parent, parent.index, parent.node
-
-    def _walk(
-        self,
-        path: str,
-        node: repo_pb2.Node,
-        parent: _Dir | None,
-        index: int,
-        descend: bool = True,
-    ) -> None:
-        state = _Dir(node, parent, index)
-        entries = []
-        if descend and not self._excludes.contents_excluded(path):
-            try:
-                with os.scandir(path) as it:
-                    entries = sorted(it, key=lambda e: os.fsencode(e.name))
-            except OSError as exc:
-                self._error(f"cannot read directory {path}: {exc.strerror}")
-                if parent is None:
-                    raise UsageError(f"cannot read directory {path}") from None
-        state.nodes = [None] * len(entries)
-        state.remaining += len(entries)
-        now_ns = time.time_ns()
-        for i, entry in enumerate(entries):
-            if self._fatal is not None:
-                raise self._fatal
-            self._dispatch(entry.path, os.fsencode(entry.name), state, i, now_ns)
-        self._finish_entry(state, -1, None)
-
-    def _xattrs(self, path: str, node: repo_pb2.Node) -> None:
-        """Adds the extended attributes of ``path`` (not followed) to ``node``."""
-        if not self._read_xattrs:
-            return
-        try:
-            names = os.listxattr(path, follow_symlinks=False)
-        except OSError:
-            return  # not supported here, or not allowed: nothing to keep
-        for attr in sorted(names):
-            try:
-                value = os.getxattr(path, attr, follow_symlinks=False)
-            except OSError:
-                continue
-            node.xattrs.add(name=os.fsencode(attr), value=value)
-
-    def _dispatch(self, path: str, name: bytes, state: _Dir, index: int, now_ns: int) -> None:
-        if self._excludes.excluded(path):
-            self._finish_entry(state, index, None)
-            return
-        try:
-            st = os.lstat(path)
-        except OSError as exc:
-            self._error(f"cannot stat {path}: {exc.strerror}")
-            self._finish_entry(state, index, None)
-            return
-        mode = st.st_mode
-        if stat.S_ISREG(mode) and self._excludes.too_large(st.st_size):
-            self._finish_entry(state, index, None)
-            return
-        if stat.S_ISREG(mode):
-            node = _base_node(name, st, repo_pb2.NODE_FILE)
-            node.user, node.group = self._owner(st)
-            if st.st_nlink > 1:  # restored as hard links to one another
-                node.device, node.inode, node.links = st.st_dev, st.st_ino, st.st_nlink
-            self._xattrs(path, node)
-            path_b = os.fsencode(path)
-            if self._cached_node(path_b, st, node):
-                with self._lock:
-                    self.result.files += 1
-                    self.result.bytes_read += node.size
-                self.progress.add_bytes(node.size)
-                self.progress.add_file()
-                self._finish_entry(state, index, node)
-                return
-            self._jobs.put(_FileJob(path, path_b, st, node, state, index, now_ns))
-        elif stat.S_ISDIR(mode):
-            node = _base_node(name, st, repo_pb2.NODE_DIR)
-            node.user, node.group = self._owner(st)
-            self._xattrs(path, node)
-            other_fs = self._excludes.one_file_system and st.st_dev != self._root_dev
-            self._walk(path, node, state, index, descend=not other_fs)
-        elif stat.S_ISLNK(mode):
-            node = _base_node(name, st, repo_pb2.NODE_SYMLINK)
-            node.user, node.group = self._owner(st)
-            self._xattrs(path, node)
-            try:
-                node.link_target = os.fsencode(os.readlink(path))
-            except OSError as exc:
-                self._error(f"cannot read link {path}: {exc.strerror}")
-                node = None
-            self._finish_entry(state, index, node)
-        elif stat.S_ISFIFO(mode) or stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-            kind = (
-                repo_pb2.NODE_FIFO
-                if stat.S_ISFIFO(mode)
-                else repo_pb2.NODE_CHARDEV
-                if stat.S_ISCHR(mode)
-                else repo_pb2.NODE_BLOCKDEV
-            )
-            node = _base_node(name, st, kind)
-            node.user, node.group = self._owner(st)
-            node.rdev = st.st_rdev if kind != repo_pb2.NODE_FIFO else 0
-            self._xattrs(path, node)
-            self._finish_entry(state, index, node)
-        else:
-            self.warn(f"skipping socket {path}")
-            self._finish_entry(state, index, None)
-
-    def _owner(self, st: os.stat_result) -> tuple[str, str]:
-        key = (st.st_uid, st.st_gid)
-        names = self._names.get(key)
-        if names is None:
-            names = self._names[key] = _owner_names(st)
-        return names
+            encoded = parent.node.SerializeToString(deterministic=True)
+            parent, index = parent.parent, parent.index
 
     def _error(self, message: str) -> None:
         with self._lock:
@@ -660,7 +263,6 @@ class Backup:
         with self._lock:
             if self._fatal is None:
                 self._fatal = exc
-        self._root_done.set()
 
     # ---- the run -------------------------------------------------------
 
@@ -672,47 +274,143 @@ class Backup:
                     total += os.lstat(os.path.join(root, name)).st_size
         self.progress.set_total(total)
 
-    def _start_block_pool(self) -> None:
-        self._blocks: queue.LifoQueue = queue.LifoQueue()
-        self._blocks_made = 0
-        # Two blocks per file worker keep reading ahead; a fifth measured no faster
-        # and cost 8 MiB of peak RSS.
-        self._blocks_max = 2 * self.num_threads
+    def _start_workers(self, source: str, st: os.stat_result) -> None:
+        """Forks the worker processes (before the uploader thread exists)."""
+        setup = workers.WorkerSetup(
+            sealer=self._sealer,
+            gear=self._gear,
+            known=self._known,
+            files=self._files,
+            excludes=self._excludes,
+            read_xattrs=self._read_xattrs,
+            root_dev=st.st_dev,
+            dry_run=self.dry_run,
+            seal_threads=SEAL_THREADS,
+        )
+        self._pool = workers.WorkerPool(self.num_threads, setup)
 
-    def _run_pipeline(self, source: str, st: os.stat_result) -> repo_pb2.Node:
-        threads = self.num_threads
-        self._start_block_pool()
-        self._jobs: queue.Queue = queue.Queue(maxsize=FILE_QUEUE)
-        workers = [
-            threading.Thread(target=self._file_worker, name=f"pysrbup-file-{i}", daemon=True)
-            for i in range(threads)
-        ]
-        with ThreadPoolExecutor(threads, thread_name_prefix="pysrbup-seal") as seals:
-            self._seals = seals
-            for worker in workers:
-                worker.start()
-            try:
-                root = _base_node(
-                    os.fsencode(os.path.basename(source) or "root"), st, repo_pb2.NODE_DIR
-                )
-                root.user, root.group = self._owner(st)
-                self._root_dev = st.st_dev
-                self._xattrs(source, root)
-                self._walk(source, root, None, -1)
-            except BaseException as exc:
-                self._fail(exc)
-            finally:
-                for _ in workers:
-                    self._jobs.put(None)
-                for worker in workers:
-                    worker.join()
-        if self._fatal is not None:
-            raise self._fatal
-        self._root_done.wait()
-        if self._fatal is not None:
-            raise self._fatal
-        assert self._root_node is not None
+    def _run_workers(self, source: str, st: os.stat_result) -> repo_pb2.Node:
+        """Walks ``source`` with the worker processes; returns its node (subtree set)."""
+        pool = self._pool
+        assert pool is not None
+        nodes = NodeMaker(self._read_xattrs)
+        root = nodes.directory(source, os.fsencode(os.path.basename(source) or "root"), st)
+        self._root_node: repo_pb2.Node | None = None
+        jobs: dict[int, _Dir] = {}
+        waiting: deque[tuple[int, str, bool]] = deque()
+        framing: dict[tuple[int, int], int] = {}
+        next_job = [0]
+
+        def dispatch(path: str, node: repo_pb2.Node, parent: _Dir | None, index: int, descend):
+            job = next_job[0]
+            next_job[0] += 1
+            jobs[job] = _Dir(node, parent, index)
+            waiting.append((job, path, descend))
+
+        dispatch(source, root, None, -1, True)
+        try:
+            while self._root_node is None:
+                while waiting:
+                    worker = pool.least_loaded()
+                    if worker is None:
+                        break
+                    job, path, descend = waiting.popleft()
+                    pool.load[worker] += 1
+                    pool.send(worker, ("dir", job, path, descend))
+                if self._fatal is not None:
+                    raise self._fatal
+                for conn in wait(pool.conns, timeout=1.0):
+                    worker = pool.conns.index(conn)
+                    try:
+                        message = conn.recv()
+                    except (EOFError, OSError):
+                        raise pool.died(worker) from None
+                    self._handle(pool, worker, message, jobs, dispatch, framing)
+        finally:
+            self._uploader_flush()
         return self._root_node
+
+    def _handle(self, pool, worker: int, message: tuple, jobs, dispatch, framing) -> None:
+        kind = message[0]
+        if kind == "entries":
+            _, job, done, arena, objects, entries, stats, retired = message
+            self._take_objects(pool, worker, arena, objects, framing)
+            for full in retired:  # freed once everything in it is framed
+                framing.setdefault((worker, full), 1)
+                workers.on_framed(pool, worker, full, framing)()
+            state = jobs[job]
+            for index, what, payload in entries:
+                if what == workers.FILE:
+                    self._take_file(payload)
+                    self._finish_entry_bytes(state, index, payload[0])
+                elif what == workers.DIR:
+                    encoded, path, descend = payload
+                    dispatch(path, repo_pb2.Node.FromString(encoded), state, index, descend)
+                else:  # NODE, or SKIP (None)
+                    self._finish_entry_bytes(state, index, payload)
+            files, read, hashed, cached = stats
+            res = self.result
+            res.files += files
+            res.bytes_read += read
+            res.bytes_hashed += hashed
+            res.files_cached += cached
+            if read:
+                self.progress.add_bytes(read)
+            for _ in range(files):
+                self.progress.add_file()
+            if done:
+                pool.load[worker] -= 1
+                del jobs[job]
+                self._finish_entry_bytes(state, -1, None)
+        elif kind == "count":
+            _, job, count = message
+            state = jobs[job]
+            state.nodes = [None] * count
+            state.remaining += count
+        elif kind == "error":
+            self._error(message[1])
+        elif kind == "warn":
+            self.warn(message[1])
+        elif kind == "starved":
+            self._uploader_flush()  # frames what is batched, so its arenas come free
+        elif kind == "fatal":
+            raise RuntimeError(f"a backup worker process failed:\n{message[1]}")
+
+    def _take_objects(self, pool, worker: int, arena: int, objects, framing) -> None:
+        """Claims the objects a worker sealed; the new ones go to the uploader."""
+        if self.dry_run:
+            for oid, _, _, plain in objects:
+                if self._claim(oid):
+                    self._count_new(plain)
+            return
+        if arena < 0:
+            return
+        key = (worker, arena)
+        framing.setdefault(key, 1)  # held until the worker retires the arena
+        freed = workers.on_framed(pool, worker, arena, framing)
+        view = pool.arenas[worker][arena]
+        for oid, offset, length, plain in objects:
+            if self._claim(oid):
+                framing[key] += 1
+                self._uploader.put(oid, view[offset : offset + length], freed)
+                self._count_new(plain)
+
+    def _take_file(self, payload: tuple) -> None:
+        encoded, path_b, record, ids, cached = payload
+        self._used_blobs.append(ids)  # made into ids once, before the commit
+        if cached:
+            if self._files is not None:
+                self._files.keep(path_b)
+            return
+        if record is not None:
+            path_b, st, now_ns = record
+            node = repo_pb2.Node.FromString(encoded)
+            self._record_file(path_b, st, ids, node.chunk_sizes, now_ns)
+
+    def _uploader_flush(self) -> None:
+        uploader = getattr(self, "_uploader", None)
+        if uploader is not None and not self.dry_run:
+            uploader.flush()
 
     def run(
         self,
@@ -733,9 +431,14 @@ class Backup:
             raise UsageError(f"cannot back up {source}: {exc.strerror}") from None
         if not stat.S_ISDIR(st.st_mode):
             raise UsageError(f"{source} is not a directory")
-        threading.Thread(target=self._count_total, args=(source,), daemon=True).start()
         return self._run(
-            os.fsencode(source), lambda: self._run_pipeline(source, st), tags, host, time_ns
+            os.fsencode(source),
+            lambda: self._run_workers(source, st),
+            tags,
+            host,
+            time_ns,
+            prepare=lambda: self._start_workers(source, st),
+            count=lambda: self._count_total(source),
         )
 
     def run_stream(
@@ -757,6 +460,15 @@ class Backup:
             os.fsencode("/" + name), lambda: self._stream_node(stream, name), tags, host, time_ns
         )
 
+    def _seal_job(self, oid: bytes, data, block: Block) -> None:
+        try:
+            self._seal_and_put(oid, data)
+        except BaseException as exc:
+            self._fail(exc)
+        finally:
+            del data
+            block.release()
+
     def _stream_node(self, stream, name: str) -> repo_pb2.Node:
         """The file node of everything read from ``stream``, chunked like any big file."""
         now = time.time_ns()
@@ -768,12 +480,22 @@ class Backup:
             gid=os.getgid(),
             mtime_ns=now,
         )
-        self._start_block_pool()
-        ids: list[bytes] = []
-        sizes: list[int] = []
         with ThreadPoolExecutor(self.num_threads, thread_name_prefix="pysrbup-seal") as seals:
-            self._seals = seals
-            size = self._read_blocks(stream, ids, sizes)
+
+            def check_failed() -> None:
+                if self._fatal is not None:
+                    raise self._fatal
+
+            saver = FileSaver(
+                self._sealer,
+                self._gear,
+                BlockPool(2 * self.num_threads),
+                self._claim,
+                lambda oid, data, block: seals.submit(self._seal_job, oid, data, block),
+                self.progress.add_bytes,
+                check_failed,
+            )
+            size, ids, sizes = saver.read_blocks(stream)
         if self._fatal is not None:
             raise self._fatal
         node.size = size
@@ -783,12 +505,25 @@ class Backup:
         self.result.bytes_read = self.result.bytes_hashed = size
         return node
 
-    def _run(self, source_b: bytes, make_root, tags, host, time_ns) -> BackupResult:
-        """A backup session around ``make_root()`` (the root node), committed as a snapshot."""
+    def _run(
+        self,
+        source_b: bytes,
+        make_root,
+        tags,
+        host,
+        time_ns,
+        prepare: Callable[[], None] = lambda: None,
+        count: Callable[[], None] | None = None,
+    ) -> BackupResult:
+        """A backup session around ``make_root()`` (the root node), committed as a snapshot.
+
+        ``prepare`` runs once keys, ids and caches are ready and before any
+        thread of the backup starts (it forks the workers).
+        """
         started = time.monotonic()
-        repo = self.repo
         if self.dry_run:
-            return self._dry_run(make_root, started)
+            return self._dry_run(make_root, prepare, started)
+        repo = self.repo
         repo.ensure_initialised()
         cache = IdCache(repo.repo_id)
         # The session begins before the id sync: a delete condemning ids after
@@ -798,11 +533,14 @@ class Backup:
         self._known = cache.ids
         self._sealer = repo.new_session_sealer(self._sessions.current)
         self._files = FilesCache(repo.repo_id).open()
-        self._uploader = Uploader(
-            repo.conn, self._sessions, on_durable=self._on_durable, warn=self.warn
-        )
         try:
+            prepare()
+            self._start_counting(count)
+            self._uploader = Uploader(
+                repo.conn, self._sessions, on_durable=self._on_durable, warn=self.warn
+            )
             root = make_root()
+            self._stop_workers()
             root_tree = self._store(tree.serialize([root]))
             stats = self._uploader.finish()
             self.result.bytes_sent = stats.bytes_sent
@@ -825,6 +563,8 @@ class Backup:
                 session_key_id=self._sealer.key_id,
             )
             backup_id, sealed = snapshot.seal_snapshot(self._sealer, record)
+            self._used.update(_ids(b"".join(self._used_blobs)))
+            self._used_blobs.clear()
             self._confirm_deduplicated(cache)
             self._commit(cache, backup_id, sealed)
             self._files.compact(source_b)
@@ -832,13 +572,24 @@ class Backup:
             self._abort()
             raise
         finally:
+            self._stop_workers()
             self._files.close()
             self.progress.close()
         self.result.backup_id = backup_id
         self.result.duration = time.monotonic() - started
         return self.result
 
-    def _dry_run(self, make_root, started: float) -> BackupResult:
+    def _start_counting(self, count: Callable[[], None] | None) -> None:
+        """Counts the bytes to read for the progress bar's ETA, if there is a bar."""
+        if count is not None and getattr(self.progress, "wants_total", True):
+            threading.Thread(target=count, daemon=True).start()
+
+    def _stop_workers(self, kill: bool = False) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.stop(kill)
+
+    def _dry_run(self, make_root, prepare, started: float) -> BackupResult:
         """Reads, chunks and names everything, counts what is new, and uploads nothing.
 
         Nothing is written anywhere: no session, no record, no files cache entry.
@@ -852,11 +603,13 @@ class Backup:
         self._sealer = envelope.Sealer(self.key.mac_key, os.urandom(32), os.urandom(16))
         self._files = FilesCache(repo.repo_id).open(read_only=True)
         try:
+            prepare()
             root = make_root()
             self._store(tree.serialize([root]))
             if self._fatal is not None:
                 raise self._fatal
         finally:
+            self._stop_workers()
             self._files.close()
             self.progress.close()
         self.result.duration = time.monotonic() - started
@@ -896,8 +649,11 @@ class Backup:
         retrying(attempt, self.warn, "the commit", on_transient=renew)
 
     def _abort(self) -> None:
-        with contextlib.suppress(Exception):
-            self._uploader.abort()
+        self._stop_workers(kill=True)
+        uploader = getattr(self, "_uploader", None)
+        if uploader is not None:
+            with contextlib.suppress(Exception):
+                uploader.abort()
         sessions = getattr(self, "_sessions", None)
         if sessions is not None:
             with contextlib.suppress(Exception):

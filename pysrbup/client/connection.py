@@ -234,6 +234,7 @@ class Connection:
             for message in call:
                 self._watchdog.touch(token)
                 yield message
+                del message  # not held while waiting for the next (a frame's memory)
             finished = True
         except grpc.RpcError as exc:
             finished = True
@@ -312,19 +313,38 @@ class Connection:
         Frames travel over the raw-bytes method, with no protobuf around bulk
         data. Only ids asked for are passed on, each once.
         """
+        for _, records in self.fetch_frame_records(oids):
+            yield from records
+
+    def fetch_frame_records(
+        self, oids: list[bytes]
+    ) -> Iterator[tuple[int, list[tuple[bytes, int, memoryview]]]]:
+        """Per reply frame: (its size, its records as in ``fetch_frames``).
+
+        The payloads are views into the frame: the frame's memory lives as long
+        as any of them, which lets a caller bound the bytes it holds. The
+        generator keeps no reference of its own while suspended.
+        """
         unique = list(dict.fromkeys(oids))
         wanted = set(unique)
         for frame in self.watched(self._fetch_raw(b"".join(unique))):
+            size = len(frame)
             try:
-                records = framing.unpack_records(frame)
+                raw = framing.unpack_records(frame)
             except framing.FrameError as exc:
                 raise errors.IntegrityError(f"the server sent a malformed frame: {exc}") from None
-            for oid, status, payload in records:
+            del frame
+            records = []
+            payload = None
+            for oid, status, payload in raw:
                 oid = bytes(oid)
                 if oid not in wanted:
                     raise errors.IntegrityError("the server sent an object that was not asked for")
                 wanted.discard(oid)
-                yield oid, status, payload
+                records.append((oid, status, payload))
+            del raw, payload
+            yield size, records
+            del records
 
     def put_session_key(self, proof: service_pb2.SessionProof, key_id: bytes, wrapped: bytes):
         request = service_pb2.PutSessionKeyRequest(proof=proof, key_id=key_id, wrapped=wrapped)

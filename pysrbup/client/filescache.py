@@ -34,7 +34,9 @@ import os
 import struct
 import threading
 import zlib
-from dataclasses import dataclass
+from typing import NamedTuple
+
+import xxhash
 
 from pysrbup.client.cache import repo_cache_dir
 from pysrbup.repo.wire import ID_SIZE
@@ -47,8 +49,7 @@ FLUSH_BYTES = 256 * 1024
 MAX_RECORD = 1 << 30
 
 
-@dataclass(frozen=True)
-class Entry:
+class Entry(NamedTuple):
     """What the cache knows about one file."""
 
     size: int
@@ -80,9 +81,8 @@ def encode(path: bytes, entry: Entry) -> bytes:
     return _LEN.pack(len(body)) + body + _CRC.pack(zlib.crc32(body))
 
 
-def decode(blob: bytes) -> tuple[dict[bytes, Entry], int]:
-    """Parses a log; returns the entries (later records win) and the intact length."""
-    entries: dict[bytes, Entry] = {}
+def _records(blob: bytes):
+    """Yields (offset, end, path) of each intact record of a log, in order; stops at damage."""
     view = memoryview(blob)
     pos = 0
     end = len(blob)
@@ -90,32 +90,88 @@ def decode(blob: bytes) -> tuple[dict[bytes, Entry], int]:
         (length,) = _LEN.unpack_from(view, pos)
         body_end = pos + _LEN.size + length
         if length < _HEAD.size or length > MAX_RECORD or body_end + _CRC.size > end:
-            break
+            return
         body = view[pos + _LEN.size : body_end]
         if zlib.crc32(body) != _CRC.unpack_from(view, body_end)[0]:
-            break
-        size, mtime, ctime, inode, count, plen = _HEAD.unpack_from(body)
+            return
+        _, _, _, _, count, plen = _HEAD.unpack_from(body)
         if _HEAD.size + plen + count * (ID_SIZE + 4) != length:
-            break
-        at = _HEAD.size
-        path = bytes(body[at : at + plen])
-        at += plen
-        ids = bytes(body[at : at + count * ID_SIZE])
-        at += count * ID_SIZE
-        sizes = bytes(body[at : at + 4 * count])
-        entries[path] = Entry(size, mtime, ctime, inode, ids, sizes)
+            return
+        start = _HEAD.size
+        yield pos, body_end + _CRC.size, bytes(body[start : start + plen])
         pos = body_end + _CRC.size
-    return entries, pos
+
+
+def read_record(blob, offset: int) -> tuple[bytes, Entry]:
+    """The (path, entry) of the intact record at ``offset`` of a log."""
+    body = offset + _LEN.size
+    size, mtime, ctime, inode, count, plen = _HEAD.unpack_from(blob, body)
+    at = body + _HEAD.size
+    path = bytes(blob[at : at + plen])
+    at += plen
+    ids = bytes(blob[at : at + count * ID_SIZE])
+    at += count * ID_SIZE
+    return path, Entry(size, mtime, ctime, inode, ids, bytes(blob[at : at + 4 * count]))
+
+
+def _path_hash(path: bytes) -> int:
+    return xxhash.xxh3_64_intdigest(path)
+
+
+class _LogIndex:
+    """The records of a loaded log, found by the hash of their path.
+
+    A dict of path hash -> record offset (some 100 bytes a file instead of a
+    dict of entries, some 400); the log's bytes stay as they were read, and
+    an entry is decoded when it is looked up. A hash shared by two paths
+    (about 2^-64 per pair) costs a cache miss, nothing else.
+    """
+
+    def __init__(self, blob: bytes):
+        self.blob = blob
+        self.offsets: dict[int, int] = {}
+        self.intact = 0
+        for offset, self.intact, path in _records(blob):
+            self.offsets[_path_hash(path)] = offset  # later records win
+        self.seen: set[int] = set()
+
+    def find(self, path: bytes) -> tuple[int, Entry] | None:
+        """(hash, entry) of ``path``, or None."""
+        key = _path_hash(path)
+        offset = self.offsets.get(key)
+        if offset is None:
+            return None
+        found, entry = read_record(self.blob, offset)
+        return (key, entry) if found == path else None
+
+    def kept(self, root_prefix: bytes):
+        """Offsets of the records seen in this run or outside ``root_prefix``."""
+        for key, offset in self.offsets.items():
+            if key in self.seen:
+                yield offset
+                continue
+            plen = _HEAD.unpack_from(self.blob, offset + _LEN.size)[5]
+            at = offset + _LEN.size + _HEAD.size
+            if not self.blob[at : at + plen].startswith(root_prefix):
+                yield offset
+
+    def record_bytes(self, offset: int) -> bytes:
+        (length,) = _LEN.unpack_from(self.blob, offset)
+        return bytes(self.blob[offset : offset + _LEN.size + length + _CRC.size])
 
 
 class FilesCache:
-    """The files cache of one repository; ``add`` is thread-safe."""
+    """The files cache of one repository; ``add`` is thread-safe.
+
+    What was loaded stays in the log's bytes behind a ``_LogIndex``; entries
+    added by this run are kept in a dict beside it.
+    """
 
     def __init__(self, repo_id: bytes, folder: str | None = None):
         self.folder = folder or repo_cache_dir(repo_id)
         self.path = os.path.join(self.folder, "files")
-        self.entries: dict[bytes, Entry] = {}
-        self.seen: set[bytes] = set()
+        self._index = _LogIndex(b"")
+        self._added: dict[bytes, Entry] = {}
         self.added = 0
         self._lock = threading.Lock()
         self._buffer: list[bytes] = []
@@ -140,23 +196,31 @@ class FilesCache:
                 blob = handle.read()
         except FileNotFoundError:
             blob = b""
-        self.entries, intact = decode(blob)
+        self._index = _LogIndex(blob)
         if self.writable:
             self._handle = open(self.path, "ab")  # noqa: SIM115 - closed in close()
-            if intact != len(blob):  # a torn tail from a crash: cut it off
-                self._handle.truncate(intact)
+            if self._index.intact != len(blob):  # a torn tail from a crash: cut it off
+                self._handle.truncate(self._index.intact)
         return self
+
+    def __len__(self) -> int:
+        return len(self._index.offsets) + len(self._added)
 
     def lookup(self, path: bytes, st: os.stat_result) -> Entry | None:
         """The entry of ``path`` if its stat still matches."""
-        entry = self.entries.get(path)
+        entry = self._added.get(path)
+        if entry is None:
+            found = self._index.find(path)
+            entry = found[1] if found is not None else None
         if entry is not None and entry.matches(st):
             return entry
         return None
 
     def keep(self, path: bytes) -> None:
         """Marks a cached entry as still in use (kept when the log is rewritten)."""
-        self.seen.add(path)
+        found = self._index.find(path)
+        if found is not None:
+            self._index.seen.add(found[0])
 
     def add(self, path: bytes, st: os.stat_result, ids: bytes, sizes: bytes, now_ns: int) -> None:
         """Records a file whose chunks are all durable on the server."""
@@ -165,8 +229,7 @@ class FilesCache:
         entry = Entry(st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, ids, sizes)
         record = encode(path, entry)
         with self._lock:
-            self.entries[path] = entry
-            self.seen.add(path)
+            self._added[path] = entry
             self.added += 1
             if self._handle is None:
                 return
@@ -193,13 +256,15 @@ class FilesCache:
         prefix = root.rstrip(b"/") + b"/"
         with self._lock:
             self._flush_locked()
-            keep = {
-                p: e for p, e in self.entries.items() if p in self.seen or not p.startswith(prefix)
-            }
+            index = self._index
             tmp = self.path + ".tmp"
             try:
                 with open(tmp, "wb") as handle:
-                    handle.write(b"".join(encode(p, e) for p, e in keep.items()))
+                    for offset in index.kept(prefix):
+                        path = read_record(index.blob, offset)[0]
+                        if path not in self._added:  # superseded by this run's entry
+                            handle.write(index.record_bytes(offset))
+                    handle.write(b"".join(encode(p, e) for p, e in self._added.items()))
                 os.replace(tmp, self.path)
             except OSError:
                 with contextlib.suppress(OSError):
@@ -207,7 +272,9 @@ class FilesCache:
                 return
             self._handle.close()
             self._handle = open(self.path, "ab")  # noqa: SIM115 - closed in close()
-            self.entries = keep
+            with open(self.path, "rb") as handle:
+                self._index = _LogIndex(handle.read())
+            self._added = {}
 
     def close(self) -> None:
         with self._lock:

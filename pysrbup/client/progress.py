@@ -28,6 +28,11 @@ class Progress:
                 leave=False,
             )
 
+    @property
+    def wants_total(self) -> bool:
+        """Whether a bar is drawn (only then is the total worth counting)."""
+        return self._bar is not None
+
     def set_total(self, total: int) -> None:
         if self._bar is not None:
             with self._lock:

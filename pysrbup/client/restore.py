@@ -8,6 +8,15 @@ Metadata (modes, owners, mtimes) is applied as soon as an entry is complete
 (a one-chunk file right after its write), directories last and deepest first,
 so writing into them does not disturb their times.
 
+Memory: what is to be written where is kept in flat arrays (``_Plan``, about
+300 bytes per file and distinct chunk, not the tree's protobuf nodes), and the data
+path reuses its memory: a few fetch streams run at once with at most
+``INFLIGHT_BYTES`` of reply frames held, and each worker thread decrypts and
+decompresses into its own buffers (``envelope.Buffers``) and writes from them.
+Peak memory is therefore a constant (frames, buffers, the interpreter) plus
+the plan, which grows with the files and distinct chunks of the backup
+restored, not with the repository.
+
 Restore never leaves its target (see ``safefs``): everything is created
 relative to directory fds opened with ``O_NOFOLLOW`` from the target's fd, so
 a symlink found in the target is never followed. Without ``--force`` an
@@ -25,9 +34,9 @@ import queue
 import stat
 import sys
 import threading
+from array import array
 from collections import defaultdict
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from pysrbup.client.excludes import Excludes
@@ -42,20 +51,130 @@ from pysrbup.client.safefs import (
     DirTable,
 )
 from pysrbup.errors import IncompleteError, IntegrityError, PysrbupError, RestoreTargetError
-from pysrbup.memtune import RESTORE_MMAP_THRESHOLD, tune_malloc
+from pysrbup.memtune import RESTORE_MMAP_THRESHOLD, RESTORE_TRIM_THRESHOLD, tune_malloc
 from pysrbup.proto import repo_pb2
-from pysrbup.repo import tree, wire
+from pysrbup.repo import envelope, tree, wire
 from pysrbup.textsafe import printable
 
-FETCH_BYTES = 64 * 1024 * 1024
-#: Payload bytes fetched ahead of (or held by) the decrypting workers. Records
-#: are views into the server's frames (up to 8 MiB each), so this also bounds
-#: how many frames stay alive: 16 records ahead pinned up to 16 frames.
-PREFETCH_BYTES = 24 * 1024 * 1024
-#: Small records count as this much, so at most a few hundred are in flight.
-MIN_RECORD_COST = 64 * 1024
+#: Plaintext bytes asked for per fetch request: the reply is one frame of about
+#: this size (the server closes frames at 8 MiB), so frames are alike in size
+#: and the allocator reuses their memory instead of mapping fresh pages.
+FETCH_BYTES = 4 * 1024 * 1024
+#: Fetch requests (streams) in flight at once: one stream waits for the server
+#: between requests, several keep it busy.
+FETCH_STREAMS = 3
+#: Reply frames held (received, not yet written) at most, in bytes: the data
+#: path's memory. One frame is always let through.
+INFLIGHT_BYTES = 16 * 1024 * 1024
 #: All-zero chunks at least this big are left as holes (smaller ones cost less to write).
 SPARSE_MIN = 64 * 1024
+_ZEROS = bytes(64 * 1024)
+
+# Tuned on import: ``cmd_restore`` imports this module before it connects, and
+# the arena limit only holds if set before any thread (gRPC's) allocates.
+tune_malloc(RESTORE_MMAP_THRESHOLD, RESTORE_TRIM_THRESHOLD)
+
+
+def _is_zero(data: memoryview) -> bool:
+    """Whether ``data`` is all zero bytes (memcmp speed; most chunks fail at once)."""
+    size = len(data)
+    if not size or data[0] or data[-1]:
+        return not size
+    step = len(_ZEROS)
+    return all(_ZEROS.startswith(data[at : at + step]) for at in range(0, size, step))
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    """``os.pwrite`` until all of ``data`` is written."""
+    while data:
+        done = os.pwrite(fd, data, offset)
+        data, offset = data[done:], offset + done
+
+
+class _Plan:
+    """Where every chunk goes, in flat arrays: a few dozen bytes per place and file.
+
+    Files are numbered: directory number, name (in one ``bytes`` blob), mode,
+    mtime, owner, and extended attributes (rare, in a dict). Chunks are
+    numbered by first sight; each has a chain of places (file, offset, size);
+    offset -1 marks a one-chunk file, created when its data comes.
+    """
+
+    def __init__(self) -> None:
+        self.chunk_of: dict[bytes, int] = {}
+        self.oids: list[bytes] = []
+        self.head = array("i")
+        self.p_file = array("I")
+        self.p_offset = array("q")
+        self.p_size = array("I")
+        self.p_next = array("i")
+        self.f_dir = array("I")
+        self.f_name = array("Q")  # end of the name in ``names``; it starts at the previous end
+        self.f_mode = array("I")
+        self.f_mtime = array("q")
+        self.f_uid = array("I")
+        self.f_gid = array("I")
+        self.f_xattrs: dict[int, list[tuple[bytes, bytes]]] = {}
+        self.names = bytearray()
+
+    def add_file(self, dir_index: int, name: bytes, node: repo_pb2.Node, owner) -> int:
+        """Numbers the file ``node`` in directory ``dir_index``; returns its number."""
+        number = len(self.f_dir)
+        self.f_dir.append(dir_index)
+        self.names += name
+        self.f_name.append(len(self.names))
+        self.f_mode.append(node.mode)
+        self.f_mtime.append(node.mtime_ns)
+        self.f_uid.append(owner[0])
+        self.f_gid.append(owner[1])
+        if node.xattrs:
+            self.f_xattrs[number] = [(x.name, x.value) for x in node.xattrs]
+        return number
+
+    def add_place(self, oid: bytes, file: int, offset: int, size: int) -> None:
+        """Chunk ``oid`` goes into ``file`` at ``offset`` (-1: the whole one-chunk file)."""
+        chunk = self.chunk_of.get(oid)
+        if chunk is None:
+            chunk = self.chunk_of[oid] = len(self.oids)
+            self.oids.append(oid)
+            self.head.append(-1)
+        self.p_file.append(file)
+        self.p_offset.append(offset)
+        self.p_size.append(size)
+        self.p_next.append(self.head[chunk])
+        self.head[chunk] = len(self.p_file) - 1
+
+    def name(self, file: int) -> bytes:
+        start = self.f_name[file - 1] if file else 0
+        return bytes(self.names[start : self.f_name[file]])
+
+    def meta(self, file: int) -> tuple[int, int, int, int]:
+        """(mode, mtime_ns, uid, gid) of ``file``."""
+        return self.f_mode[file], self.f_mtime[file], self.f_uid[file], self.f_gid[file]
+
+    def places(self, chunk: int) -> Iterator[tuple[int, int, int]]:
+        """(file, offset, size) of every place of ``chunk``."""
+        place = self.head[chunk]
+        while place >= 0:
+            yield self.p_file[place], self.p_offset[place], self.p_size[place]
+            place = self.p_next[place]
+
+
+class _Frame:
+    """A reply frame held by queued records: its bytes go back to the budget with the last."""
+
+    __slots__ = ("budget", "left", "lock", "size")
+
+    def __init__(self, budget: _ByteBudget, size: int, records: int):
+        self.budget, self.size, self.left = budget, size, records
+        self.lock = threading.Lock()
+
+    def done(self) -> None:
+        with self.lock:
+            self.left -= 1
+            last = not self.left
+        if last:
+            self.budget.release(self.size)
 
 
 class _ByteBudget:
@@ -125,7 +244,7 @@ class Restore:
         includes: list[str] | None = None,
         excludes: list[str] | None = None,
     ):
-        tune_malloc(RESTORE_MMAP_THRESHOLD)
+        tune_malloc(RESTORE_MMAP_THRESHOLD, RESTORE_TRIM_THRESHOLD)
         self.repo = repo
         self.numeric_owner = numeric_owner
         self.opener = repo.opener
@@ -138,13 +257,11 @@ class Restore:
         self.result = RestoreResult()
         self._as_root = os.geteuid() == 0
         self._table: DirTable | None = None
-        # chunk id -> (directory, name, path, offset, size, node of a one-chunk file or None)
-        self._targets: dict[bytes, list[tuple[int, bytes, str, int, int, repo_pb2.Node | None]]]
-        self._targets = defaultdict(list)
-        #: Files of several chunks, whose metadata waits until all their data is written.
-        self._files: list[tuple[int, bytes, str, repo_pb2.Node]] = []
-        #: (directory, path, node, depth) of every directory restored.
-        self._dirs: list[tuple[int, str, repo_pb2.Node, int]] = []
+        self._plan = _Plan()
+        #: Files of several chunks (numbers in the plan): metadata once all data is written.
+        self._files = array("I")
+        #: (directory, depth, (mode, mtime_ns, uid, gid), xattrs) of every directory restored.
+        self._dirs: list[tuple[int, int, tuple[int, int, int, int], list | None]] = []
         self._damaged: set[str] = set()
         #: (device, inode) of a hard-linked file -> where its first path was restored.
         self._first_links: dict[tuple[int, int], tuple[int, bytes]] = {}
@@ -236,23 +353,34 @@ class Restore:
         if root_nodes is not None:  # given as nodes: nothing to fetch for the top
             self._tree_cache[root_tree] = tree.serialize(root_nodes)
         while level:
-            found = dict(self._fetch_objects(list({item[2]: None for item in level})))
+            # Each tree is used as it arrives and dropped: a level's trees are not all held.
+            waiting: dict[bytes, list[tuple[int, str, bytes, bool, int]]] = defaultdict(list)
+            for item in level:
+                waiting[item[2]].append(item)
             next_level: list[tuple[int, str, bytes, bool, int]] = []
-            for index, path, oid, fresh, depth in level:
-                plain = found.get(oid)
-                if plain is None:
-                    self._damage(path)
-                    continue
-                nodes = tree.parse(plain, path).nodes
-                try:
-                    dir_fd = self._table.acquire(index)
-                except OSError as exc:
-                    raise PysrbupError(f"cannot open {printable(path)}: {exc.strerror}") from None
-                try:
-                    for node in nodes:
-                        self._create_node(dir_fd, index, path, node, fresh, depth, next_level)
-                finally:
-                    self._table.release(index)
+            for oid, plain in self._fetch_objects(list(waiting)):
+                nodes = None
+                for index, path, _, fresh, depth in waiting.pop(oid, ()):
+                    if plain is None:
+                        self._damage(path)
+                        continue
+                    if nodes is None:
+                        nodes = tree.parse(plain, path).nodes
+                    try:
+                        dir_fd = self._table.acquire(index)
+                    except OSError as exc:
+                        raise PysrbupError(
+                            f"cannot open {printable(path)}: {exc.strerror}"
+                        ) from None
+                    try:
+                        for node in nodes:
+                            self._create_node(dir_fd, index, path, node, fresh, depth, next_level)
+                    finally:
+                        self._table.release(index)
+                del nodes, plain
+            for items in waiting.values():  # not answered at all
+                for item in items:
+                    self._damage(item[1])
             level = next_level
 
     def _clear(self, dir_fd: int, name: bytes, path: str, what: str) -> None:
@@ -320,7 +448,8 @@ class Restore:
                 created = self._make_dir(dir_fd, name, path, top=depth == 0)
                 assert self._table is not None
                 index = self._table.add(dir_index, name)
-                self._dirs.append((index, path, node, depth + 1))
+                xattrs = [(x.name, x.value) for x in node.xattrs] or None
+                self._dirs.append((index, depth + 1, self._meta(node), xattrs))
                 self.result.dirs += 1
                 next_level.append((index, path, node.subtree, created, depth + 1))
             elif node.type == repo_pb2.NODE_FILE:
@@ -334,23 +463,27 @@ class Restore:
                     # One chunk: the file is created when its data arrives (one
                     # open instead of two; file creation dominates small files).
                     oid, offset, size = chunks[0]
-                    self._targets[oid].append((dir_index, name, path, -1, size, node))
+                    number = self._plan.add_file(dir_index, name, node, self._owner_ids(node))
+                    self._plan.add_place(oid, number, -1, size)
                 else:
+                    xattrs = [(x.name, x.value) for x in node.xattrs]
                     fd = os.open(name, CREATE_FLAGS, 0o600, dir_fd=dir_fd)
                     try:
                         if node.size:
                             os.ftruncate(fd, node.size)
-                        self._apply_xattrs(fd, node, path)
+                        self._apply_xattrs(fd, xattrs, path)
                         if not chunks:  # empty: complete already
-                            self._apply_meta(fd, node, path)
+                            self._apply_meta(fd, self._meta(node), path)
                     finally:
                         os.close(fd)
                     if node.links > 1:
                         self._first_links[(node.device, node.inode)] = (dir_index, name)
                     if chunks:
+                        number = self._plan.add_file(dir_index, name, node, self._owner_ids(node))
+                        self._plan.f_xattrs.pop(number, None)  # set already
                         for oid, offset, size in chunks:
-                            self._targets[oid].append((dir_index, name, path, offset, size, None))
-                        self._files.append((dir_index, name, path, node))
+                            self._plan.add_place(oid, number, offset, size)
+                        self._files.append(number)
                 self.result.files += 1
             elif node.type == repo_pb2.NODE_SYMLINK:
                 if not fresh:
@@ -437,12 +570,20 @@ class Restore:
             self._warned.add(kind)
         self.warn(message + " (said once for all such entries)")
 
-    def _apply_xattrs(self, fd: int, node: repo_pb2.Node, path: str) -> None:
-        """Sets the node's extended attributes on ``fd``; one warning per kind refused."""
-        for attr in node.xattrs:
-            name = os.fsdecode(attr.name)
+    def _owner_ids(self, node: repo_pb2.Node) -> tuple[int, int]:
+        """The owner to give ``node`` (root only: nobody else can give files away)."""
+        return self._owner(node) if self._as_root else (0, 0)
+
+    def _meta(self, node: repo_pb2.Node) -> tuple[int, int, int, int]:
+        """(mode, mtime_ns, uid, gid) to apply: the node's metadata, without the node."""
+        return (node.mode, node.mtime_ns, *self._owner_ids(node))
+
+    def _apply_xattrs(self, fd: int, xattrs, path: str) -> None:
+        """Sets extended attributes (name, value) on ``fd``; one warning per kind refused."""
+        for raw_name, value in xattrs or ():
+            name = os.fsdecode(raw_name)
             try:
-                os.setxattr(fd, name, attr.value)
+                os.setxattr(fd, name, value)
             except OSError as exc:
                 kind = name.split(".", 1)[0]
                 self._warn_once(
@@ -453,41 +594,54 @@ class Restore:
 
     # ---- data ------------------------------------------------------------
 
-    def _write_chunk(self, oid: bytes, payload) -> None:
-        places = self._targets[oid]
-        if payload is not None:
-            try:
-                data = self.opener.open(oid, payload)
-            except IntegrityError as exc:
-                self.warn(str(exc))
-                data = None
-        else:
-            data = None
+    def _file_path(self, file: int) -> str:
+        """The path of planned file ``file``, for messages."""
+        assert self._table is not None
+        where = self._table.path(self._plan.f_dir[file], self.result.target)
+        return os.path.join(where, os.fsdecode(self._plan.name(file)))
+
+    def planned(self) -> dict[bytes, list[tuple[str, int, int]]]:
+        """Chunk id -> (path, offset, size) of every place it is written (-1: whole file)."""
+        return {
+            oid: [(self._file_path(f), o, n) for f, o, n in self._plan.places(chunk)]
+            for oid, chunk in self._plan.chunk_of.items()
+        }
+
+    def _write_chunk(self, chunk: int, data: memoryview | None) -> None:
+        """Writes verified ``data`` (None: missing or damaged) wherever chunk ``chunk`` goes."""
+        plan = self._plan
         table = self._table
         assert table is not None
         # An all-zero chunk is not written into a file that was sized with
         # ftruncate: the file keeps a hole there (sparse files come back sparse).
-        sparse = data is not None and len(data) >= SPARSE_MIN and data.count(0) == len(data)
-        for dir_index, name, path, offset, size, whole in places:
+        sparse = None
+        for file, offset, size in plan.places(chunk):
             good = data is not None and len(data) == size
             if not good:
-                self._damage(path)
-                if whole is None:
+                self._damage(self._file_path(file))
+                if offset >= 0:
                     continue
+            elif offset >= 0 and sparse is None:
+                sparse = size >= SPARSE_MIN and _is_zero(data)
+            dir_index = plan.f_dir[file]
+            name = plan.name(file)
             try:
                 dir_fd = table.acquire(dir_index)
             except OSError as exc:
-                raise PysrbupError(f"cannot write {printable(path)}: {exc.strerror}") from None
+                raise PysrbupError(
+                    f"cannot write {printable(self._file_path(file))}: {exc.strerror}"
+                ) from None
             try:
-                if whole is not None:  # a one-chunk file: created now, and complete
+                if offset < 0:  # a one-chunk file: created now, and complete
                     fd = os.open(name, CREATE_FLAGS, 0o600, dir_fd=dir_fd)
                     try:
                         if good:
-                            os.pwrite(fd, data, 0)
+                            _pwrite_all(fd, data, 0)
                         else:  # it still exists, sized, as before
                             os.ftruncate(fd, size)
-                        self._apply_xattrs(fd, whole, path)
-                        self._apply_meta(fd, whole, path)
+                        if file in plan.f_xattrs:
+                            self._apply_xattrs(fd, plan.f_xattrs[file], self._file_path(file))
+                        self._apply_meta(fd, plan.meta(file), file)
                     finally:
                         os.close(fd)
                 elif sparse:  # a run of zeros in a pre-sized file: leave the hole
@@ -495,11 +649,13 @@ class Restore:
                 else:
                     fd = os.open(name, WRITE_FLAGS, dir_fd=dir_fd)
                     try:
-                        os.pwrite(fd, data, offset)
+                        _pwrite_all(fd, data, offset)
                     finally:
                         os.close(fd)
             except OSError as exc:
-                raise PysrbupError(f"cannot write {printable(path)}: {exc.strerror}") from None
+                raise PysrbupError(
+                    f"cannot write {printable(self._file_path(file))}: {exc.strerror}"
+                ) from None
             finally:
                 table.release(dir_index)
             if not good:
@@ -509,93 +665,131 @@ class Restore:
                 self.result.bytes_written += size
 
     def _restore_data(self) -> None:
-        oids = list(self._targets)
-        budget = _ByteBudget(PREFETCH_BYTES)
-        seen: set[bytes] = set()
+        """Fetches every planned chunk once and writes it everywhere it goes.
 
-        def job(oid: bytes, payload, cost: int) -> None:
-            try:
-                self._write_chunk(oid, payload)
-            finally:
-                budget.release(cost)
-
-        with ThreadPoolExecutor(self.num_threads, thread_name_prefix="pysrbup-restore") as pool:
-            futures = []
-            for oid, status, payload, cost in self._prefetch(oids, budget):
-                if oid not in self._targets or oid in seen:
-                    budget.release(cost)
-                    continue
-                seen.add(oid)
-                found = payload if status == wire.FETCH_FOUND else None
-                futures.append(pool.submit(job, oid, found, cost))
-                if len(futures) >= 4096:  # drop finished ones, surfacing failures early
-                    for fut in futures:
-                        if fut.done():
-                            fut.result()
-                    futures = [f for f in futures if not f.done()]
-            for fut in futures:
-                fut.result()
-        for oid in oids:
-            if oid not in seen:
-                self._write_chunk(oid, None)
-
-    def _prefetch(self, oids: list[bytes], budget: _ByteBudget):
-        """Yields fetched records and their cost; a thread fetches ahead within ``budget``."""
-        records: queue.Queue = queue.Queue()
-        done = object()
+        ``FETCH_STREAMS`` threads fetch batches (one request each) and queue
+        the records, holding at most ``INFLIGHT_BYTES`` of frames; worker
+        threads open each record into their own buffers and write it.
+        """
+        plan = self._plan
+        count = len(plan.oids)
+        if not count:
+            return
+        done = bytearray(count)
+        budget = _ByteBudget(INFLIGHT_BYTES)
+        work: queue.SimpleQueue = queue.SimpleQueue()
         stop = threading.Event()
+        failures: list[BaseException] = []
+        batches = self._batches()
+        batches_lock = threading.Lock()
+
+        def fail(exc: BaseException) -> None:
+            failures.append(exc)
+            stop.set()
 
         def fetch() -> None:
             try:
-                for batch in self._batches(oids):
-                    for oid, status, payload in self.repo.conn.fetch_frames(batch):
-                        cost = max(len(payload), MIN_RECORD_COST)
-                        self.result.bytes_fetched += len(payload)
-                        if not budget.acquire(cost, stop):
+                while not stop.is_set():
+                    with batches_lock:
+                        batch = next(batches, None)
+                    if batch is None:
+                        return
+                    ids = [plan.oids[chunk] for chunk in batch]
+                    for size, records in self.repo.conn.fetch_frame_records(ids):
+                        with self._lock:
+                            self.result.bytes_fetched += sum(len(r[2]) for r in records)
+                        if not records:
+                            continue
+                        if not budget.acquire(size, stop):
                             return
-                        records.put((oid, status, payload, cost))
+                        frame = _Frame(budget, size, len(records))
+                        for oid, status, payload in records:
+                            work.put((plan.chunk_of[oid], status, payload, frame))
+                        records.clear()  # the queue holds the frame now, not this thread
+                        del payload
             except BaseException as exc:
-                records.put(exc)
-            finally:
-                records.put(done)
+                fail(exc)
 
-        thread = threading.Thread(target=fetch, name="pysrbup-fetch", daemon=True)
-        thread.start()
+        def write() -> None:
+            buffers = envelope.Buffers()
+            opener = self.opener
+            while (item := work.get()) is not None:
+                chunk, status, payload, frame = item
+                del item
+                try:
+                    if stop.is_set() or done[chunk]:
+                        continue
+                    done[chunk] = 1
+                    data = None
+                    if status == wire.FETCH_FOUND:
+                        try:
+                            data = opener.open_into(plan.oids[chunk], payload, buffers)
+                        except IntegrityError as exc:
+                            self.warn(str(exc))
+                    del payload  # the frame may go as soon as its records are opened
+                    self._write_chunk(chunk, data)
+                    data = None
+                except BaseException as exc:
+                    fail(exc)
+                finally:
+                    payload = None
+                    frame.done()
+
+        fetchers = [
+            threading.Thread(target=fetch, name=f"pysrbup-fetch-{n}", daemon=True)
+            for n in range(FETCH_STREAMS)
+        ]
+        writers = [
+            threading.Thread(target=write, name=f"pysrbup-restore-{n}", daemon=True)
+            for n in range(self.num_threads)
+        ]
+        for thread in fetchers + writers:
+            thread.start()
         try:
-            while True:
-                item = records.get()
-                if item is done:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
+            for thread in fetchers:
+                thread.join()
         finally:
-            stop.set()
-            thread.join()
+            for _ in writers:
+                work.put(None)
+            for thread in writers:
+                thread.join()
+        if failures:
+            raise failures[0]
+        for chunk in range(count):
+            if not done[chunk]:  # the server did not answer for it at all
+                self._write_chunk(chunk, None)
 
-    def _batches(self, oids: list[bytes]):
-        batch: list[bytes] = []
+    def _batches(self) -> Iterator[list[int]]:
+        """Chunk numbers per fetch request: at most FETCH_IDS, and FETCH_BYTES if several."""
+        plan = self._plan
+        batch: list[int] = []
         size = 0
-        for oid in oids:
-            batch.append(oid)
-            size += self._targets[oid][0][4]
-            if len(batch) >= FETCH_IDS or size >= FETCH_BYTES:
+        for chunk in range(len(plan.oids)):
+            chunk_size = plan.p_size[plan.head[chunk]]
+            if batch and (len(batch) >= FETCH_IDS or size + chunk_size > FETCH_BYTES):
                 yield batch
                 batch, size = [], 0
+            batch.append(chunk)
+            size += chunk_size
         if batch:
             yield batch
 
     # ---- metadata --------------------------------------------------------
 
-    def _apply_meta(self, fd: int, node: repo_pb2.Node, path: str) -> None:
-        """Sets owner (as root), mode and mtime of the file or directory open as ``fd``."""
+    def _apply_meta(self, fd: int, meta: tuple[int, int, int, int], path: str | int) -> None:
+        """Sets owner (as root), mode and mtime of the file or directory open as ``fd``.
+
+        ``path`` names it in a warning (a planned file's number stands for its path).
+        """
+        mode, mtime_ns, uid, gid = meta
         try:
             if self._as_root:
-                os.chown(fd, *self._owner(node))
-            os.chmod(fd, node.mode)
-            os.utime(fd, ns=(node.mtime_ns, node.mtime_ns))
+                os.chown(fd, uid, gid)
+            os.chmod(fd, mode)
+            os.utime(fd, ns=(mtime_ns, mtime_ns))
         except OSError as exc:
-            self.warn(f"cannot set metadata of {printable(path)}: {exc.strerror}")
+            shown = self._file_path(path) if isinstance(path, int) else path
+            self.warn(f"cannot set metadata of {printable(shown)}: {exc.strerror}")
 
     def _apply_link_meta(self, dir_fd: int, name: bytes, path: str, node: repo_pb2.Node) -> None:
         """Sets owner (as root) and mtime of the symlink itself."""
@@ -606,23 +800,24 @@ class Restore:
         except OSError as exc:
             self.warn(f"cannot set metadata of {printable(path)}: {exc.strerror}")
 
-    def _finish_file(self, dir_index: int, name: bytes, path: str, node: repo_pb2.Node) -> None:
+    def _finish_file(self, file: int) -> None:
         """Metadata of a file of several chunks, once all its data is written."""
         assert self._table is not None
+        dir_index = self._plan.f_dir[file]
         try:
             dir_fd = self._table.acquire(dir_index)
         except OSError as exc:
-            self.warn(f"cannot set metadata of {printable(path)}: {exc.strerror}")
+            self.warn(f"cannot set metadata of {printable(self._file_path(file))}: {exc.strerror}")
             return
         try:
-            fd = os.open(name, META_FLAGS, dir_fd=dir_fd)
+            fd = os.open(self._plan.name(file), META_FLAGS, dir_fd=dir_fd)
         except OSError as exc:
-            self.warn(f"cannot set metadata of {printable(path)}: {exc.strerror}")
+            self.warn(f"cannot set metadata of {printable(self._file_path(file))}: {exc.strerror}")
             return
         finally:
             self._table.release(dir_index)
         try:
-            self._apply_meta(fd, node, path)
+            self._apply_meta(fd, self._plan.meta(file), file)
         finally:
             os.close(fd)
 
@@ -637,16 +832,17 @@ class Restore:
             return node.subtree, None
         return b"subpath:" + node.name, [node]
 
-    def _finish_dir(self, index: int, path: str, node: repo_pb2.Node) -> None:
+    def _finish_dir(self, index: int, meta: tuple[int, int, int, int], xattrs) -> None:
         assert self._table is not None
+        path = self._table.path(index, self.result.target)
         try:
             fd = self._table.acquire(index)
         except OSError as exc:
             self.warn(f"cannot set metadata of {printable(path)}: {exc.strerror}")
             return
         try:
-            self._apply_xattrs(fd, node, path)
-            self._apply_meta(fd, node, path)
+            self._apply_xattrs(fd, xattrs, path)
+            self._apply_meta(fd, meta, path)
         finally:
             self._table.release(index)
 
@@ -687,10 +883,10 @@ class Restore:
                 self._select(top)
             self._create_tree(root_tree, target, root_nodes)
             self._restore_data()
-            for dir_index, name, path, node in self._files:
-                self._finish_file(dir_index, name, path, node)
-            for index, path, node, _depth in sorted(self._dirs, key=lambda item: -item[3]):
-                self._finish_dir(index, path, node)
+            for file in self._files:
+                self._finish_file(file)
+            for index, _depth, meta, xattrs in sorted(self._dirs, key=lambda item: -item[1]):
+                self._finish_dir(index, meta, xattrs)
         finally:
             self._table.close()
             self.progress.close()

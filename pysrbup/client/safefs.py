@@ -114,6 +114,15 @@ class DirTable:
                 old, _ = self._idle.popitem(last=False)
                 os.close(self._fds.pop(old))
 
+    def path(self, index: int, top: str) -> str:
+        """The path of directory ``index`` below ``top`` (the target's path), for messages."""
+        with self._lock:
+            names = []
+            while index > ROOT:
+                names.append(os.fsdecode(self._name[index]))
+                index = self._parent[index]
+        return os.path.join(top, *reversed(names))
+
     def open_count(self) -> int:
         """How many directory fds are open (the root's included)."""
         with self._lock:

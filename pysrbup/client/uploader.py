@@ -77,7 +77,7 @@ class Uploader:
         self.retry_seconds = retry_seconds
         self.warn = warn or (lambda message: None)
         self._cv = threading.Condition()
-        self._batch: list[tuple[bytes, object]] = []
+        self._batch: list[tuple[bytes, object, Callable[[], None] | None]] = []
         self._batch_bytes = 0
         self._pending: deque[_Frame] = deque()  # built, not handed to a call
         self._inflight: deque[_Frame] = deque()  # handed to the current call, unacknowledged
@@ -90,21 +90,30 @@ class Uploader:
 
     # ---- producers -------------------------------------------------------------
 
-    def put(self, oid: bytes, envelope) -> None:
-        """Queues one object; blocks while the window is full; raises if uploading failed."""
+    def put(self, oid: bytes, envelope, framed: Callable[[], None] | None = None) -> None:
+        """Queues one object; blocks while the window is full; raises if uploading failed.
+
+        ``envelope`` may be a view into memory the caller reuses: ``framed()``
+        is called once it has been copied into a frame (by this call, or by a
+        later ``put`` or ``flush``), after which the caller may reuse it.
+        """
         with self._cv:
             if self._error is not None:
                 raise self._failure()
-            self._batch.append((oid, envelope))
+            self._batch.append((oid, envelope, framed))
             self._batch_bytes += len(envelope) + framing.RECORD_OVERHEAD
             if self._batch_bytes < FRAME_BYTES:
                 return
             batch, self._batch, self._batch_bytes = self._batch, [], 0
         self._enqueue(batch)
 
-    def _enqueue(self, batch: list[tuple[bytes, object]]) -> None:
-        data = framing.pack_records([(oid, 0, envelope) for oid, envelope in batch])
-        frame = _Frame(data, [oid for oid, _ in batch], sum(len(env) for _, env in batch))
+    def _enqueue(self, batch: list[tuple[bytes, object, Callable[[], None] | None]]) -> None:
+        data = framing.pack_records([(oid, 0, envelope) for oid, envelope, _ in batch])
+        frame = _Frame(data, [oid for oid, _, _ in batch], sum(len(e) for _, e, _ in batch))
+        for _, _, framed in batch:
+            if framed is not None:
+                framed()
+        del batch
         with self._cv:
             while self._unacked >= WINDOW_BYTES and self._error is None:
                 self._cv.wait(0.5)

@@ -23,6 +23,24 @@ def serialize(nodes: list[repo_pb2.Node]) -> bytes:
     return tree.SerializeToString(deterministic=True)
 
 
+def encode(encoded_nodes: list[bytes]) -> bytes:
+    """The same bytes as ``serialize``, from nodes already serialised deterministically.
+
+    ``encoded_nodes`` must be in name order. A ``Tree`` is its ``nodes``
+    field repeated: tag 0x0a, the length as a varint, the node's bytes.
+    """
+    out = bytearray()
+    for node in encoded_nodes:
+        size = len(node)
+        out.append(0x0A)
+        while size >= 0x80:
+            out.append((size & 0x7F) | 0x80)
+            size >>= 7
+        out.append(size)
+        out += node
+    return bytes(out)
+
+
 def parse(data: bytes, where: str) -> repo_pb2.Tree:
     """Parses the verified tree object of directory ``where`` and checks its names.
 
