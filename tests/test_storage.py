@@ -53,7 +53,7 @@ def _crash(repo: Repository) -> None:
         if session.writer is not None:
             session.writer.abandon()
     repo.index.close()
-    os.close(repo._lock_fd)
+    repo._release()
 
 
 def test_append_sync_fetch_and_dedup(tmp_path):
@@ -96,7 +96,9 @@ def test_crash_recovery_keeps_intact_records_and_drops_torn_tail(tmp_path):
         handle.write(packs.RECORD.pack(_oid(99), 5000, 0) + b"partial")
 
     repo = Repository(root)
-    entries = packs.read_footer(pack_path)
+    assert not os.path.exists(pack_path)  # sealed and moved from staging into the store
+    name = repo.packs.names[sid[0].pack]
+    entries = packs.read_footer(os.path.join(root, name))
     assert entries is not None and {e.oid for e in entries} == set(payloads)
     got = {oid: bytes(data) for oid, status, data in repo.fetch(list(payloads)) if status == 0}
     assert got == payloads
@@ -122,6 +124,7 @@ def test_pack_rotation_seals_full_packs(tmp_path, monkeypatch):
     sid = _begin(repo)
     repo.append(*sid, [(_oid(i), 0, os.urandom(20_000)) for i in range(10)])
     repo.end_session(sid[0])
+    repo.wait_for_parity()
     names = [name for _, name, sealed in repo.index.packs() if sealed]
     assert len(names) >= 3
     total = sum(len(packs.read_footer(os.path.join(repo.root, n))) for n in names)
@@ -174,7 +177,7 @@ def test_retried_commit_is_idempotent(tmp_path):
 
 
 def test_an_idle_session_stops_holding_back_sweeps(tmp_path, monkeypatch):
-    from pysrbup.server import storage
+    from pysrbup.server import sessions
 
     repo = Repository(str(tmp_path / "r"))
     writer = _begin(repo)
@@ -184,7 +187,7 @@ def test_an_idle_session_stops_holding_back_sweeps(tmp_path, monkeypatch):
     repo.index.condemn([_oid(1)], watermark=2)
     repo.end_session(writer[0])
     assert _has(repo, _oid(1))  # the stale session might still rely on it
-    monkeypatch.setattr(storage, "SESSION_IDLE_SECONDS", 0)
+    monkeypatch.setattr(sessions, "SESSION_IDLE_SECONDS", 0)
     repo.collect_garbage()
     assert not _has(repo, _oid(1))
     with pytest.raises(NotFoundError):

@@ -75,8 +75,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="while serving, expose Prometheus metrics on http://HOST:PORT/metrics "
         "(default: off; a bare PORT listens on 127.0.0.1 only)",
     )
+    parser.add_argument(
+        "--storage",
+        metavar="URL",
+        help="keep the repository in an S3-compatible bucket, s3://BUCKET/PREFIX (default: in "
+        "backups_dir). backups_dir then holds only this server's index cache, staging area, "
+        "TLS files and init token; the endpoint and credentials come from --s3-endpoint and "
+        "AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION",
+    )
+    parser.add_argument(
+        "--s3-endpoint", metavar="URL", help="S3 endpoint, e.g. http://127.0.0.1:8333"
+    )
+    parser.add_argument("--s3-region", metavar="NAME", help="S3 region (default us-east-1)")
+    parser.add_argument(
+        "--break-lock",
+        action="store_true",
+        help="take over the bucket's lock object left by a server that is gone for good",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log requests")
-    parser.add_argument("backups_dir", help="repository directory (created if missing)")
+    parser.add_argument(
+        "backups_dir",
+        help="repository directory (created if missing); with --storage, this server's "
+        "local directory",
+    )
     return parser
 
 
@@ -150,13 +171,24 @@ def main(argv: list[str] | None = None) -> int:
             from pysrbup.server.metrics import ServerMetrics, parse_address
 
             metrics_host, metrics_port = parse_address(args.metrics_address)
+        store = None
+        if args.storage:
+            from pysrbup.server.blobstore import open_store
+
+            store = open_store(args.storage, endpoint=args.s3_endpoint, region=args.s3_region)
         if args.rebuild_index:
-            count_packs, count_objects = rebuild_index(args.backups_dir)
+            count_packs, count_objects = rebuild_index(args.backups_dir, store)
             print(
                 f"pysrbup-server: rebuilt the index: {count_packs} packs, {count_objects} objects"
             )
             return EXIT_OK
-        repo = Repository(args.backups_dir, append_only=args.append_only, ecc_level=level)
+        repo = Repository.open(
+            args.backups_dir,
+            store=store,
+            append_only=args.append_only,
+            ecc_level=level,
+            break_lock=args.break_lock,
+        )
         if args.init:
             try:
                 return print_init(repo)
@@ -233,7 +265,9 @@ def main(argv: list[str] | None = None) -> int:
         )
     if metrics_url:
         print(f"pysrbup-server: metrics on {metrics_url}", file=sys.stderr)
-    print(f"pysrbup-server: serving {repo.root} on port {port}", file=sys.stderr, flush=True)
+    print(
+        f"pysrbup-server: serving {repo.store.location} on port {port}", file=sys.stderr, flush=True
+    )
     next_scrub = time.monotonic() + args.scrub_interval
     while not stop.wait(0.5):
         if args.scrub_interval > 0 and time.monotonic() >= next_scrub:

@@ -156,6 +156,14 @@ def _parse_meta(raw: bytes) -> Sidecar | None:
     return Sidecar(k, m, block, size, row_len, sums.astype(np.uint64), meta_len)
 
 
+def _matrix(data: bytes | memoryview, k: int, row_len: int) -> np.ndarray:
+    """``data`` as a (k, row_len) zero-padded matrix."""
+    matrix = np.zeros(k * row_len, dtype=np.uint8)
+    got = min(len(data), k * row_len)
+    matrix[:got] = np.frombuffer(data, dtype=np.uint8, count=got)
+    return matrix.reshape(k, row_len)
+
+
 def read_pack_matrix(pack_path: str, k: int, row_len: int) -> tuple[np.ndarray, int]:
     """The pack as a (k, row_len) zero-padded matrix, and its actual size on disk."""
     data = np.zeros(k * row_len, dtype=np.uint8)
@@ -164,71 +172,92 @@ def read_pack_matrix(pack_path: str, k: int, row_len: int) -> tuple[np.ndarray, 
     return data.reshape(k, row_len), got
 
 
+def encode(
+    pack: bytes | memoryview,
+    level: EccLevel,
+    block: int = BLOCK_SIZE,
+    verify: Callable[[memoryview], str] | None = None,
+) -> tuple[bytes, str]:
+    """The sidecar of a sealed pack's bytes, or (b"", why not) when ``verify`` refuses them.
+
+    A codec over bytes: where the pack and its sidecar are kept is the
+    caller's business (pysrbup/server/parity.py keeps them in a blob store).
+    """
+    if verify is not None:
+        problem = verify(memoryview(pack))
+        if problem:
+            return b"", problem
+    size = len(pack)
+    row_len = _row_len(size, level.k, block)
+    data = _matrix(pack, level.k, row_len)
+    parity = rs.encode(data, level.m)
+    sums = np.vstack([_block_sums(data, block), _block_sums(parity, block)])
+    meta = _meta(level, block, size, row_len, sums)
+    return b"".join([meta, memoryview(parity).cast("B"), meta, TAIL.pack(len(meta))]), ""
+
+
 def write_sidecar(
     pack_path: str,
     level: EccLevel,
     block: int = BLOCK_SIZE,
     verify: Callable[[memoryview], str] | None = None,
 ) -> str:
-    """Computes and durably writes the sidecar of a sealed pack.
+    """Computes and durably writes the sidecar of a sealed pack file beside it.
 
     The pack is read once; ``verify`` (given the pack's bytes) may refuse it
     by returning why, and then no parity is written. Returns that reason, or
     "" once the sidecar is on disk.
     """
-    size = os.path.getsize(pack_path)
-    row_len = _row_len(size, level.k, block)
-    data, got = read_pack_matrix(pack_path, level.k, row_len)
-    if verify is not None:
-        problem = verify(memoryview(data.reshape(-1))[:got])
-        if problem:
-            return problem
-    parity = rs.encode(data, level.m)
-    sums = np.vstack([_block_sums(data, block), _block_sums(parity, block)])
-    meta = _meta(level, block, got, row_len, sums)
-    path = sidecar_path(pack_path)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as handle:
-        handle.write(meta)
-        handle.write(memoryview(parity).cast("B"))
-        handle.write(meta)
-        handle.write(TAIL.pack(len(meta)))
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    fsync_dir(os.path.dirname(path))
+    with open(pack_path, "rb") as handle:
+        pack = handle.read()
+    sidecar, problem = encode(pack, level, block, verify)
+    if problem:
+        return problem
+    _replace_file(sidecar_path(pack_path), sidecar)
     return ""
 
 
+def _replace_file(path: str, data: bytes) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    fsync_dir(os.path.dirname(path) or ".")
+
+
+def parse_sidecar(raw: bytes, where: str = "sidecar") -> Sidecar:
+    """Parses a whole sidecar, falling back to its second meta copy."""
+    total = len(raw)
+    parsed = None
+    if total >= HEADER.size:
+        _, _, k, m, block, _, row_len = HEADER.unpack_from(raw)
+        if block and k and m and row_len % block == 0:
+            meta_len = HEADER.size + 8 * (k + m) * (row_len // block) + TAIL.size
+            if meta_len <= total:
+                parsed = _parse_meta(raw[:meta_len])
+    if parsed is None and total >= TAIL.size:
+        (meta_len,) = TAIL.unpack_from(raw, total - TAIL.size)
+        if 0 < meta_len <= total - TAIL.size:
+            parsed = _parse_meta(raw[total - TAIL.size - meta_len : total - TAIL.size])
+            if parsed is not None:
+                parsed.first_copy_ok = False
+    if parsed is None:
+        raise SidecarError(f"{where} is damaged beyond use (both meta copies)")
+    return parsed
+
+
 def load_sidecar(path: str) -> Sidecar:
-    """Parses a sidecar, falling back to its second meta copy."""
+    """Parses a sidecar file, falling back to its second meta copy."""
     try:
         with open(path, "rb") as handle:
-            total = os.fstat(handle.fileno()).st_size
-            head = handle.read(HEADER.size)
-            parsed = None
-            if len(head) == HEADER.size:
-                _, _, k, m, block, _, row_len = HEADER.unpack(head)
-                if block and k and m and row_len % block == 0:
-                    meta_len = HEADER.size + 8 * (k + m) * (row_len // block) + TAIL.size
-                    if meta_len <= total:
-                        handle.seek(0)
-                        parsed = _parse_meta(handle.read(meta_len))
-            if parsed is None and total >= TAIL.size:
-                handle.seek(total - TAIL.size)
-                (meta_len,) = TAIL.unpack(handle.read(TAIL.size))
-                if 0 < meta_len <= total - TAIL.size:
-                    handle.seek(total - TAIL.size - meta_len)
-                    parsed = _parse_meta(handle.read(meta_len))
-                    if parsed is not None:
-                        parsed.first_copy_ok = False
+            raw = handle.read()
     except FileNotFoundError:
         raise SidecarError(f"{path} is missing") from None
     except OSError as exc:
         raise SidecarError(f"cannot read {path}: {exc.strerror}") from None
-    if parsed is None:
-        raise SidecarError(f"{path} is damaged beyond use (both meta copies)")
-    return parsed
+    return parse_sidecar(raw, path)
 
 
 @dataclass
@@ -243,44 +272,59 @@ class PackCheck:
     unprotected: bool = False
 
 
-def check_pack(pack_path: str, repair: bool = True) -> PackCheck:
-    """Verifies every block of a pack and its parity; rebuilds what parity allows.
+@dataclass
+class Repaired:
+    """A check's result, and the repaired bytes to store (None: that object needs nothing)."""
 
-    Repaired bytes are written back to the pack (restoring, never changing,
-    its sealed content) and to the sidecar, each made durable with fsync.
+    check: PackCheck
+    pack: bytes | None = None
+    sidecar: bytes | None = None
+
+
+def check(pack: bytes | memoryview, sidecar: bytes | None, where: str = "pack") -> Repaired:
+    """Verifies every block of a pack's bytes against its sidecar; rebuilds what parity allows.
+
+    Returns the whole repaired pack (its original sealed bytes, the recorded
+    size) and sidecar when anything was rebuilt, for the caller to store
+    whole: objects are replaced, never patched.
     """
     result = PackCheck()
+    if sidecar is None:
+        result.unprotected = True
+        return Repaired(result)
     try:
-        sc = load_sidecar(sidecar_path(pack_path))
+        sc = parse_sidecar(sidecar, where + " sidecar")
     except SidecarError:
         result.unprotected = True
-        return result
+        return Repaired(result)
     k, m, block = sc.k, sc.m, sc.block
-    data, actual_size = read_pack_matrix(pack_path, k, sc.row_len)
+    actual_size = len(pack)
+    data = _matrix(pack, k, sc.row_len)
     parity = np.zeros((m, sc.row_len), dtype=np.uint8)
-    with open(sidecar_path(pack_path), "rb") as handle:
-        handle.seek(sc.parity_offset)
-        handle.readinto(memoryview(parity).cast("B"))
+    raw_parity = sidecar[sc.parity_offset : sc.parity_offset + m * sc.row_len]
+    parity.reshape(-1)[: len(raw_parity)] = np.frombuffer(raw_parity, dtype=np.uint8)
     shards = np.vstack([data, parity])
     bad = _block_sums(shards, block) != sc.sums
     result.blocks_checked = bad.size
-    if not sc.first_copy_ok and repair:  # restore the damaged first meta copy
+    new_sidecar = None
+    if not sc.first_copy_ok:  # restore the damaged first meta copy
         meta = _meta(sc.level, block, sc.pack_size, sc.row_len, sc.sums)
-        with open(sidecar_path(pack_path), "r+b") as handle:
-            os.pwrite(handle.fileno(), meta, 0)
-            os.fsync(handle.fileno())
+        new_sidecar = bytearray(sidecar)
+        new_sidecar[: len(meta)] = meta
         result.blocks_repaired += 1
-    if actual_size < sc.pack_size:  # truncated: the missing tail is an erasure too
-        lost_from = actual_size // block
+    if actual_size != sc.pack_size:  # truncated (or grown): the missing tail is an erasure
+        lost_from = min(actual_size, sc.pack_size) // block
         flat = np.zeros(k * (sc.row_len // block), dtype=bool)
         flat[lost_from : -(-sc.pack_size // block)] = True
         bad[:k] |= flat.reshape(k, -1)
     if not bad.any():
-        return result
+        if actual_size != sc.pack_size:
+            return Repaired(result, bytes(pack[: sc.pack_size]), _maybe(new_sidecar))
+        return Repaired(result, None, _maybe(new_sidecar))
     groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
     for j in np.nonzero(bad.any(axis=0))[0]:
         groups[tuple(np.nonzero(bad[:, j])[0].tolist())].append(int(j))
-    fixed_rows: dict[int, list[int]] = defaultdict(list)
+    fixed_data = fixed_parity = False
     for missing, columns in groups.items():
         if len(missing) > m:
             for r in missing:
@@ -295,52 +339,52 @@ def check_pack(pack_path: str, repair: bool = True) -> PackCheck:
         rebuilt = rs.reconstruct(stripe, list(missing), k)
         stripe[:k] = rebuilt
         stripe[k:] = rs.encode(np.ascontiguousarray(rebuilt), m)
-        check = _block_sums(
+        check_sums = _block_sums(
             stripe[list(missing)].reshape(len(missing) * len(columns), block), block
         )
         expected = np.array([[sc.sums[r, j]] for r in missing for j in columns], dtype=np.uint64)
-        if not np.array_equal(check, expected):
+        if not np.array_equal(check_sums, expected):
             result.blocks_unrepairable += len(missing) * len(columns)
-            log.error(
-                "ecc: repair of %s did not verify; sidecar checksums may be damaged", pack_path
-            )
+            log.error("ecc: repair of %s did not verify; sidecar checksums may be damaged", where)
             continue
         shards[:, cols] = stripe
-        for r in missing:
-            fixed_rows[r].extend(columns)
+        fixed_data |= any(r < k for r in missing)
+        fixed_parity |= any(r >= k for r in missing)
         result.blocks_repaired += len(missing) * len(columns)
     result.bad_ranges.sort()
-    if repair and fixed_rows:
-        _write_back(pack_path, sc, shards, fixed_rows)
-        log.warning("ecc: repaired %d block(s) of %s", result.blocks_repaired, pack_path)
-    return result
+    repaired = Repaired(result, None, _maybe(new_sidecar))
+    if fixed_data or (result.blocks_repaired and actual_size != sc.pack_size):
+        repaired.pack = shards[:k].reshape(-1)[: sc.pack_size].tobytes()
+    if fixed_parity:
+        side = bytearray(new_sidecar if new_sidecar is not None else sidecar)
+        side[sc.parity_offset : sc.parity_offset + m * sc.row_len] = shards[k:].tobytes()
+        repaired.sidecar = bytes(side)
+    if result.blocks_repaired:
+        log.warning("ecc: repaired %d block(s) of %s", result.blocks_repaired, where)
+    return repaired
 
 
-def _write_back(
-    pack_path: str, sc: Sidecar, shards: np.ndarray, fixed: dict[int, list[int]]
-) -> None:
-    flat = shards[: sc.k].reshape(-1)
-    with open(pack_path, "r+b") as handle:
-        for r, columns in fixed.items():
-            if r >= sc.k:
-                continue
-            for j in columns:
-                start = r * sc.row_len + j * sc.block
-                end = min(start + sc.block, sc.pack_size)
-                if start < end:
-                    os.pwrite(handle.fileno(), flat[start:end].tobytes(), start)
-        handle.truncate(sc.pack_size)
-        os.fsync(handle.fileno())
-    if any(r >= sc.k for r in fixed):
-        with open(sidecar_path(pack_path), "r+b") as handle:
-            for r, columns in fixed.items():
-                if r < sc.k:
-                    continue
-                for j in columns:
-                    offset = sc.parity_offset + (r - sc.k) * sc.row_len + j * sc.block
-                    os.pwrite(
-                        handle.fileno(),
-                        shards[r, j * sc.block : (j + 1) * sc.block].tobytes(),
-                        offset,
-                    )
-            os.fsync(handle.fileno())
+def _maybe(data: bytearray | None) -> bytes | None:
+    return None if data is None else bytes(data)
+
+
+def check_pack(pack_path: str, repair: bool = True) -> PackCheck:
+    """Verifies a pack file against the sidecar beside it; rebuilds what parity allows.
+
+    Repaired bytes replace the pack (its original sealed content, never a
+    change) and the sidecar whole: temporary file, fsync, rename.
+    """
+    try:
+        with open(sidecar_path(pack_path), "rb") as handle:
+            sidecar = handle.read()
+    except FileNotFoundError:
+        sidecar = None
+    with open(pack_path, "rb") as handle:
+        pack = handle.read()
+    repaired = check(pack, sidecar, pack_path)
+    if repair:
+        if repaired.pack is not None:
+            _replace_file(pack_path, repaired.pack)
+        if repaired.sidecar is not None:
+            _replace_file(sidecar_path(pack_path), repaired.sidecar)
+    return repaired.check

@@ -127,6 +127,23 @@ class Index:
             rows = self._db.execute("SELECT pack, name, sealed FROM packs ORDER BY pack").fetchall()
         return [(int(p), str(n), bool(s)) for p, n, s in rows]
 
+    def pack_names(self) -> list[str]:
+        """The store names of every known pack."""
+        return [name for _, name, _ in self.packs()]
+
+    def remove_objects_of(self, pack: int) -> int:
+        """Forgets every object of a pack that is gone for good; logs them condemned."""
+
+        def work(db):
+            rows = db.execute("SELECT id FROM objects WHERE pack=?", (pack,)).fetchall()
+            db.executemany(
+                "INSERT INTO idlog(id, op) VALUES (?, ?)", [(r[0], OP_CONDEMN) for r in rows]
+            )
+            db.execute("DELETE FROM objects WHERE pack=?", (pack,))
+            return len(rows)
+
+        return self._transaction(work)
+
     def pack_usage(self) -> dict[int, tuple[int, int]]:
         """Per pack: (object count, bytes its records take including headers)."""
         with self._lock:

@@ -224,7 +224,11 @@ def recover(path: str) -> list[Entry]:
 def read_record(fd: int, entry_offset: int, length: int, oid: bytes) -> memoryview | None:
     """Reads a payload and checks its record header; None when it is damaged."""
     start = entry_offset - RECORD.size
-    raw = os.pread(fd, RECORD.size + length, start)
+    return check_record(os.pread(fd, RECORD.size + length, start), length, oid)
+
+
+def check_record(raw: bytes | memoryview, length: int, oid: bytes) -> memoryview | None:
+    """The payload of ``raw`` (a record header and payload), or None when it is damaged."""
     if len(raw) != RECORD.size + length:
         return None
     stored_oid, stored_len, digest = RECORD.unpack_from(raw)
@@ -232,6 +236,51 @@ def read_record(fd: int, entry_offset: int, length: int, oid: bytes) -> memoryvi
     if stored_oid != oid or stored_len != length or checksum(payload) != digest:
         return None
     return payload
+
+
+def parse_trailer(trailer: bytes, size: int) -> tuple[int, int, int] | None:
+    """(footer offset, record count, footer checksum) from a pack's last 28 bytes, if valid."""
+    if size < HEADER.size + TRAILER.size or len(trailer) != TRAILER.size:
+        return None
+    offset, count, digest, magic = TRAILER.unpack(trailer)
+    if magic != TRAILER_MAGIC or offset + count * ENTRY.size + TRAILER.size != size:
+        return None
+    return offset, count, digest
+
+
+def parse_footer(footer: bytes, count: int, digest: int) -> list[Entry] | None:
+    """The entries of a footer read from a pack, or None if its checksum fails."""
+    if len(footer) != count * ENTRY.size or checksum(footer) != digest:
+        return None
+    return [Entry(*ENTRY.unpack_from(footer, i * ENTRY.size)) for i in range(count)]
+
+
+def scan_bytes(data: bytes | memoryview) -> list[Entry]:
+    """The intact records of a pack held in memory, from the start up to the first bad one."""
+    view = memoryview(data)
+    size = len(view)
+    if size < HEADER.size or HEADER.unpack_from(view)[0] != MAGIC:
+        return []
+    found = []
+    pos = HEADER.size
+    while pos + RECORD.size <= size:
+        _oid, length, digest = RECORD.unpack_from(view, pos)
+        if length > MAX_OBJECT_SIZE or pos + RECORD.size + length > size:
+            break
+        if checksum(view[pos + RECORD.size : pos + RECORD.size + length]) != digest:
+            break
+        found.append(Entry(_oid, pos + RECORD.size, length))
+        pos += RECORD.size + length
+    return found
+
+
+def sealed_size(entries: list[Entry]) -> int:
+    """The size of a sealed pack holding exactly ``entries`` (its live bytes, for compaction)."""
+    return (
+        HEADER.size
+        + sum(RECORD.size + e.length for e in entries)
+        + (len(entries) * ENTRY.size + TRAILER.size)
+    )
 
 
 def damaged_in(pack: memoryview) -> str:

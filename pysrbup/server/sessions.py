@@ -1,0 +1,232 @@
+"""Writing sessions and the uploads they make into staged packs.
+
+A session is a write-key holder's backup: it owns at most one open pack at a
+time (in staging, see packstore.py), appended to by one upload stream,
+synced (fsync, then index rows: the acknowledgement), and sealed when full
+or when the session commits or ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from pysrbup.errors import (
+    ConflictError,
+    NotFoundError,
+    PermissionDeniedError,
+    StorageFullError,
+    UsageError,
+)
+from pysrbup.repo import auth
+from pysrbup.server import packs
+from pysrbup.server.index import Index
+from pysrbup.server.packstore import PackStore
+
+#: A session not used for this long is ended (a dead client must not hold sweeps back).
+SESSION_IDLE_SECONDS = 3600
+#: Open sessions at once (each is a key holder's backup; more is a runaway client).
+MAX_SESSIONS = 256
+
+
+@dataclass
+class Session:
+    """One writing session: its open pack and what it added."""
+
+    session_id: str
+    number: int = 0
+    public_key: bytes = b""
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    #: Sequence numbers of the session proofs already used (each is accepted once).
+    used_seqs: set[int] = field(default_factory=set)
+    #: The one upload stream allowed to write; a newer stream supersedes it.
+    stream: int = 0
+    writer: packs.PackWriter | None = None
+    pack: int = 0
+    writer_ids: set[bytes] = field(default_factory=set)
+    stored_bytes: int = 0
+    last_used: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class UploadCounts:
+    stored: int = 0
+    dropped: int = 0
+    bytes_stored: int = 0
+
+
+class Sessions:
+    """The open sessions, and appending, syncing and sealing their packs."""
+
+    def __init__(self, index: Index, pack_store: PackStore, counters):
+        self.index = index
+        self.pack_store = pack_store
+        self.counters = counters
+        self.by_id: dict[str, Session] = {}
+        self.lock = threading.Lock()
+        self.counter = 0
+
+    # ---- the table -------------------------------------------------------------------
+
+    def begin(self, public_key: bytes) -> Session:
+        self.reap_idle()
+        with self.lock:
+            if len(self.by_id) >= MAX_SESSIONS:
+                raise StorageFullError(
+                    f"too many open sessions ({MAX_SESSIONS}); try again when backups finish"
+                )
+            self.counter += 1
+            session = Session(os.urandom(16).hex(), self.counter, public_key)
+            self.by_id[session.session_id] = session
+        self.counters.add(sessions_started=1)
+        return session
+
+    def verified(
+        self, repo_id: bytes, session_id: str, seq: int, signature: bytes, op: str, body: bytes
+    ) -> Session:
+        """The session a request names, once its session proof verifies (each seq once)."""
+        with self.lock:
+            session = self.by_id.get(session_id)
+        if session is None:
+            raise NotFoundError("unknown or expired upload session")
+        auth.verify(
+            session.public_key,
+            signature,
+            auth.session_message(repo_id, session_id, seq, op, body),
+            "session",
+        )
+        with session.lock:
+            if seq in session.used_seqs:
+                raise PermissionDeniedError("a session proof was replayed")
+            session.used_seqs.add(seq)
+        session.last_used = time.monotonic()
+        return session
+
+    def live(self, session: Session) -> Session:
+        """``session`` if it is still open (a reaped or ended one is gone)."""
+        with self.lock:
+            if self.by_id.get(session.session_id) is not session:
+                raise NotFoundError("unknown or expired upload session")
+        session.last_used = time.monotonic()
+        return session
+
+    def reap_idle(self) -> None:
+        now = time.monotonic()
+        with self.lock:
+            idle = [s for s in self.by_id.values() if now - s.last_used > SESSION_IDLE_SECONDS]
+            for session in idle:
+                del self.by_id[session.session_id]
+        for session in idle:
+            with session.lock, contextlib.suppress(Exception):
+                self.seal(session)
+
+    def forget(self, session: Session) -> None:
+        with self.lock:
+            if self.by_id.get(session.session_id) is not session:
+                return
+            del self.by_id[session.session_id]
+        with session.lock:
+            self.seal(session)
+
+    def oldest_active(self) -> int | None:
+        with self.lock:
+            numbers = [s.number for s in self.by_id.values()]
+        return min(numbers) if numbers else None
+
+    def open_packs(self) -> set[int]:
+        with self.lock:
+            return {s.pack for s in self.by_id.values() if s.writer is not None}
+
+    def all(self) -> list[Session]:
+        with self.lock:
+            return list(self.by_id.values())
+
+    def close_all(self) -> None:
+        with self.lock:
+            every = list(self.by_id.values())
+            self.by_id.clear()
+        for session in every:
+            with session.lock, contextlib.suppress(Exception):
+                self.seal(session)
+
+    # ---- writing ---------------------------------------------------------------------
+
+    def commit(self, session: Session) -> None:
+        """fsyncs the session's staged pack and commits its new records to the index."""
+        if session.writer is None:
+            return
+        fresh = session.writer.sync()
+        if fresh:
+            self.index.add_objects(session.pack, fresh)
+            added = sum(e.length for e in fresh)
+            session.stored_bytes += added
+            self.counters.add(objects_added=len(fresh), object_bytes_added=added)
+
+    def seal(self, session: Session, wait: bool = False) -> None:
+        """Seals the session's pack (the caller holds its lock) and has it uploaded."""
+        if session.writer is None:
+            return
+        self.commit(session)
+        writer, pack = session.writer, session.pack
+        session.writer = None
+        session.writer_ids = set()
+        self.pack_store.seal(pack, writer, wait=wait)
+
+    def open_stream(self, session: Session) -> int:
+        """Makes a new upload stream the session's only writer; returns its number."""
+        with session.lock:
+            self.live(session)
+            session.stream += 1
+            self.drop_unsynced(session)
+            return session.stream
+
+    def _writer_of(self, session: Session, stream: int) -> None:
+        if session.stream != stream:
+            raise ConflictError("a newer upload stream took over this session")
+        self.live(session)
+
+    def append(
+        self, session: Session, stream: int, records: Iterable[tuple[bytes, int, memoryview]]
+    ) -> UploadCounts:
+        """Appends records (id, flags, envelope) to the session's pack; durable after ``sync``."""
+        counts = UploadCounts()
+        with session.lock:
+            self._writer_of(session, stream)
+            for oid, _flags, payload in records:
+                oid = bytes(oid)
+                if len(payload) > packs.MAX_OBJECT_SIZE:
+                    raise UsageError("object too large")
+                if oid in session.writer_ids or self.index.present_reviving(oid):
+                    counts.dropped += 1
+                    continue
+                if session.writer is None:
+                    session.pack, session.writer = self.pack_store.create()
+                session.writer.append(oid, payload)
+                session.writer_ids.add(oid)
+                counts.stored += 1
+                counts.bytes_stored += len(payload)
+                if session.writer.size >= packs.TARGET_PACK_SIZE:
+                    self.seal(session)
+        return counts
+
+    def sync(self, session: Session, stream: int) -> None:
+        """Makes everything the stream appended durable and visible in the index."""
+        with session.lock:
+            self._writer_of(session, stream)
+            self.commit(session)
+
+    def rollback(self, session: Session, stream: int) -> None:
+        """Drops what ``stream`` appended since its last sync (its upload failed)."""
+        with session.lock:
+            if session.stream == stream:
+                self.drop_unsynced(session)
+
+    @staticmethod
+    def drop_unsynced(session: Session) -> None:
+        if session.writer is not None:
+            session.writer.rollback()
+            session.writer_ids = {e.oid for e in session.writer.entries}
