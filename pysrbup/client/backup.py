@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import getpass
 import os
+import random
 import socket
 import stat
 import sys
@@ -66,6 +67,8 @@ from pysrbup.repo.wire import ID_SIZE
 from pysrbup.textsafe import printable
 
 SNAPSHOT_VERSION = 1
+#: Reused ids whose presence a backup confirms before it commits (a random sample).
+CONFIRM_SAMPLE = 8192
 #: Threads sealing the chunks of one large file, per worker process.
 SEAL_THREADS = 2
 
@@ -616,21 +619,28 @@ class Backup:
         return self.result
 
     def _confirm_deduplicated(self, cache: IdCache) -> None:
-        """Checks that the repository holds what this backup reused instead of uploading.
+        """Checks that the repository holds a sample of what this backup reused.
 
-        The id log only says what the server claims; one batched existence
-        query (32 bytes per id) confirms it before the snapshot can depend on
-        it. Ids it lacks are dropped from the local cache so the next run
-        uploads them.
+        The id log only says what the server claims. One batched existence
+        query for up to ``CONFIRM_SAMPLE`` reused ids, chosen at random (32
+        bytes each), confirms it before the snapshot can depend on them: a
+        lost pack holds many objects, so a sample finds it, while the server
+        learns only that sample of what the backup reuses, and an unchanged
+        backup of many files does not make it look up every id. ``check``
+        confirms every one. Ids it lacks are dropped from the local cache so
+        the next run uploads them.
         """
         with self._lock:
             reused = [oid for oid in self._used if oid not in self._claimed]
+        if len(reused) > CONFIRM_SAMPLE:
+            reused = random.sample(reused, CONFIRM_SAMPLE)
         missing = self.repo.missing_objects(reused)
         if missing:
             cache.discard(missing)
             raise IntegrityError(
                 f"the repository lacks {len(missing)} object(s) its id log lists and this "
-                "backup reuses; they are forgotten locally: run the backup again to upload them"
+                "backup reuses; they are forgotten locally: run the backup again to upload "
+                "them, and run check to see which backups they damage"
             )
 
     def _commit(self, cache: IdCache, backup_id: str, sealed: bytes) -> None:
