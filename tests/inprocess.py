@@ -32,7 +32,7 @@ class InProcess:
 def in_process_server(path: str, key: MasterKey | None = None) -> Iterator[InProcess]:
     """Serves a repository at ``path`` on loopback; yields it initialised for ``key``."""
     key = key or MasterKey.generate()
-    storage = Repository(path)
+    storage = Repository.open(path)
     server, port = serve(storage, "127.0.0.1:0", 2)
     conn = Connection(f"127.0.0.1:{port}", tls_fingerprint=load_or_create(storage.root).fingerprint)
     try:

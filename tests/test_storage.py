@@ -57,7 +57,7 @@ def _crash(repo: Repository) -> None:
 
 
 def test_append_sync_fetch_and_dedup(tmp_path):
-    repo = Repository(str(tmp_path / "r"))
+    repo = Repository.open(str(tmp_path / "r"))
     sid = _begin(repo)
     counts = repo.append(*sid, [(_oid(i), 0, os.urandom(1000 + i)) for i in range(5)])
     assert counts.stored == 5
@@ -74,7 +74,7 @@ def test_append_sync_fetch_and_dedup(tmp_path):
 
 
 def test_second_session_drops_what_first_committed(tmp_path):
-    repo = Repository(str(tmp_path / "r"))
+    repo = Repository.open(str(tmp_path / "r"))
     first, second = _begin(repo), _begin(repo)
     repo.append(*first, [(_oid(1), 0, b"a" * 100)])
     repo.sync(*first)
@@ -85,7 +85,7 @@ def test_second_session_drops_what_first_committed(tmp_path):
 
 def test_crash_recovery_keeps_intact_records_and_drops_torn_tail(tmp_path):
     root = str(tmp_path / "r")
-    repo = Repository(root)
+    repo = Repository.open(root)
     sid = _begin(repo)
     payloads = {_oid(i): os.urandom(5000) for i in range(4)}
     repo.append(*sid, list((oid, 0, p) for oid, p in payloads.items()))
@@ -95,7 +95,7 @@ def test_crash_recovery_keeps_intact_records_and_drops_torn_tail(tmp_path):
     with open(pack_path, "ab") as handle:  # a record torn by the crash
         handle.write(packs.RECORD.pack(_oid(99), 5000, 0) + b"partial")
 
-    repo = Repository(root)
+    repo = Repository.open(root)
     assert not os.path.exists(pack_path)  # sealed and moved from staging into the store
     name = repo.packs.names[sid[0].pack]
     entries = packs.read_footer(os.path.join(root, name))
@@ -107,7 +107,7 @@ def test_crash_recovery_keeps_intact_records_and_drops_torn_tail(tmp_path):
 
 
 def test_unsynced_records_are_rolled_back(tmp_path):
-    repo = Repository(str(tmp_path / "r"))
+    repo = Repository.open(str(tmp_path / "r"))
     sid = _begin(repo)
     repo.append(*sid, [(_oid(1), 0, b"kept")])
     repo.sync(*sid)
@@ -120,7 +120,7 @@ def test_unsynced_records_are_rolled_back(tmp_path):
 
 def test_pack_rotation_seals_full_packs(tmp_path, monkeypatch):
     monkeypatch.setattr(packs, "TARGET_PACK_SIZE", 64 * 1024)
-    repo = Repository(str(tmp_path / "r"))
+    repo = Repository.open(str(tmp_path / "r"))
     sid = _begin(repo)
     repo.append(*sid, [(_oid(i), 0, os.urandom(20_000)) for i in range(10)])
     repo.end_session(sid[0])
@@ -133,23 +133,23 @@ def test_pack_rotation_seals_full_packs(tmp_path, monkeypatch):
 
 
 def test_one_server_per_directory(tmp_path):
-    repo = Repository(str(tmp_path / "r"))
+    repo = Repository.open(str(tmp_path / "r"))
     with pytest.raises(RepositoryError, match="in use by another"):
-        Repository(str(tmp_path / "r"))
+        Repository.open(str(tmp_path / "r"))
     repo.close()
 
 
 def test_damaged_index_is_refused_with_rebuild_hint(tmp_path):
     root = str(tmp_path / "r")
-    Repository(root).close()
+    Repository.open(root).close()
     with open(os.path.join(root, "index.sqlite"), "wb") as handle:
         handle.write(b"this is not sqlite" * 100)
     with pytest.raises(RepositoryError, match="rebuild-index"):
-        Repository(root)
+        Repository.open(root)
 
 
 def test_hostile_snapshot_ids_and_sessions(tmp_path):
-    repo = Repository(str(tmp_path / "r"))
+    repo = Repository.open(str(tmp_path / "r"))
     sid = _begin(repo)
     for bad in ("../config", "a" * 17, "", "ABCDEF0123456789"):
         with pytest.raises(UsageError):
@@ -162,7 +162,7 @@ def test_hostile_snapshot_ids_and_sessions(tmp_path):
 
 
 def test_retried_commit_is_idempotent(tmp_path):
-    repo = Repository(str(tmp_path / "r"))
+    repo = Repository.open(str(tmp_path / "r"))
     first = _begin(repo)
     repo.append(*first, [(_oid(1), 0, b"data")])
     repo.sync(*first)
@@ -179,7 +179,7 @@ def test_retried_commit_is_idempotent(tmp_path):
 def test_an_idle_session_stops_holding_back_sweeps(tmp_path, monkeypatch):
     from pysrbup.server import sessions
 
-    repo = Repository(str(tmp_path / "r"))
+    repo = Repository.open(str(tmp_path / "r"))
     writer = _begin(repo)
     repo.append(*writer, [(_oid(1), 0, b"garbage soon")])
     repo.sync(*writer)
@@ -198,7 +198,7 @@ def test_an_idle_session_stops_holding_back_sweeps(tmp_path, monkeypatch):
 def test_snapshot_files_have_their_own_format_and_damage_is_skipped(tmp_path):
     from pysrbup.server import snapshot_store
 
-    repo = Repository(str(tmp_path / "r"))
+    repo = Repository.open(str(tmp_path / "r"))
     writer = _begin(repo)
     repo.commit_snapshot(writer[0], "0123456789abcdef", b"sealed record", 0)
     path = os.path.join(repo.root, "snapshots", "0123456789abcdef")

@@ -115,9 +115,10 @@ class Counters:
 class Repository:
     """A pysrbup repository: its store, and this server's local directory.
 
-    ``Repository.open(local_dir, store=...)`` opens one (locks, loads the
-    config, recovers, sweeps); ``Repository(local_dir)`` does the same for
-    the local store in that directory (kept for existing callers).
+    ``Repository.open(local_dir, store=...)`` opens one: locks, loads the
+    config, recovers, sweeps (the default store is the directory itself).
+    The constructor only records the settings; nothing is touched until
+    ``open``.
     """
 
     def __init__(
@@ -128,7 +129,6 @@ class Repository:
         ecc_level: ecc.EccLevel | None = ecc.DEFAULT_LEVEL,
         store: BlobStore | None = None,
         break_lock: bool = False,
-        _open: bool = True,
     ):
         self.root = os.path.abspath(root)
         self.append_only = append_only
@@ -140,8 +140,6 @@ class Repository:
         self._break_lock = break_lock
         self._lock_fd = -1
         self._store_locked = False
-        if _open:
-            self._open()
 
     @classmethod
     def open(
@@ -155,7 +153,9 @@ class Repository:
         break_lock: bool = False,
     ) -> Repository:
         """Opens the repository in ``store`` (default: the directory ``root`` itself)."""
-        return cls(root, append_only, create, ecc_level, store, break_lock)
+        repo = cls(root, append_only, create, ecc_level, store, break_lock)
+        repo._open()
+        return repo
 
     # ---- opening and closing -----------------------------------------------------------
 
