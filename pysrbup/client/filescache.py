@@ -102,6 +102,11 @@ def _records(blob: bytes):
         pos = body_end + _CRC.size
 
 
+def record_of(path: bytes, st, ids: bytes, sizes: bytes) -> bytes:
+    """The log record of ``path`` with this stat and these chunks."""
+    return encode(path, Entry(st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, ids, sizes))
+
+
 def read_record(blob, offset: int) -> tuple[bytes, Entry]:
     """The (path, entry) of the intact record at ``offset`` of a log."""
     body = offset + _LEN.size
@@ -171,7 +176,7 @@ class FilesCache:
         self.folder = folder or repo_cache_dir(repo_id)
         self.path = os.path.join(self.folder, "files")
         self._index = _LogIndex(b"")
-        self._added: dict[bytes, Entry] = {}
+        self._added: dict[bytes, bytes] = {}  # this run's entries: path -> record
         self.added = 0
         self._lock = threading.Lock()
         self._buffer: list[bytes] = []
@@ -208,7 +213,8 @@ class FilesCache:
 
     def lookup(self, path: bytes, st: os.stat_result) -> Entry | None:
         """The entry of ``path`` if its stat still matches."""
-        entry = self._added.get(path)
+        record = self._added.get(path)
+        entry = read_record(record, 0)[1] if record is not None else None
         if entry is None:
             found = self._index.find(path)
             entry = found[1] if found is not None else None
@@ -224,12 +230,14 @@ class FilesCache:
 
     def add(self, path: bytes, st: os.stat_result, ids: bytes, sizes: bytes, now_ns: int) -> None:
         """Records a file whose chunks are all durable on the server."""
+        self.add_record(path, st, record_of(path, st, ids, sizes), now_ns)
+
+    def add_record(self, path: bytes, st, record: bytes, now_ns: int) -> None:
+        """``add`` with the record already made by ``record_of`` (in a worker process)."""
         if max(st.st_mtime_ns, st.st_ctime_ns) >= now_ns - int(RACY_SECONDS * 1e9):
             return
-        entry = Entry(st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, ids, sizes)
-        record = encode(path, entry)
         with self._lock:
-            self._added[path] = entry
+            self._added[path] = record
             self.added += 1
             if self._handle is None:
                 return
@@ -264,7 +272,7 @@ class FilesCache:
                         path = read_record(index.blob, offset)[0]
                         if path not in self._added:  # superseded by this run's entry
                             handle.write(index.record_bytes(offset))
-                    handle.write(b"".join(encode(p, e) for p, e in self._added.items()))
+                    handle.write(b"".join(self._added.values()))
                 os.replace(tmp, self.path)
             except OSError:
                 with contextlib.suppress(OSError):

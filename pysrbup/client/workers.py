@@ -51,7 +51,7 @@ from multiprocessing.connection import Connection
 from pysrbup._native import chunker
 from pysrbup.client.excludes import Excludes
 from pysrbup.client.file_saver import Block, BlockPool, FileSaver, seal
-from pysrbup.client.filescache import FilesCache
+from pysrbup.client.filescache import FilesCache, record_of
 from pysrbup.client.nodes import NodeMaker
 from pysrbup.errors import IntegrityError
 from pysrbup.repo import envelope, tree
@@ -284,7 +284,9 @@ class _Worker:
         record = None
         if saved.steady and saved.size == saved.stat.st_size:
             s = saved.stat
-            record = (path_b, FileStat(s.st_size, s.st_mtime_ns, s.st_ctime_ns, s.st_ino), now_ns)
+            st_kept = FileStat(s.st_size, s.st_mtime_ns, s.st_ctime_ns, s.st_ino)
+            encoded = record_of(path_b, st_kept, ids, node.chunk_sizes)  # made here, not in main
+            record = (path_b, st_kept, now_ns, encoded)
         return index, FILE, (node.SerializeToString(deterministic=True), path_b, record, ids, False)
 
 
@@ -334,7 +336,9 @@ class WorkerPool:
         self.procs = []
         self.load: list[int] = []
         gc.collect()
-        gc.freeze()  # the inherited heap stays shared: the collector does not touch it
+        # What exists now (the id set, the files cache) is never scanned again, in
+        # the workers (so their inherited pages stay shared) or in the main process.
+        gc.freeze()
         try:
             for _ in range(count):
                 maps = [mmap.mmap(-1, ARENA_BYTES) for _ in range(ARENAS)]
@@ -350,8 +354,9 @@ class WorkerPool:
                 self.arenas.append([memoryview(m) for m in maps])
                 self.procs.append(proc)
                 self.load.append(0)
-        finally:
-            gc.unfreeze()
+        except BaseException:
+            self.stop(kill=True)
+            raise
 
     def least_loaded(self) -> int | None:
         """The worker with the fewest jobs, if it has room for another."""
