@@ -58,18 +58,6 @@ def generate_files(root: str, files: int, size_mb: int, seed: int = 3) -> str:
     return target
 
 
-def _hwm(pid: int) -> int:
-    return compare._proc_hwm(pid)
-
-
-def _rss(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as handle:
-        for line in handle:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 def _wait_for(path: str, proc: subprocess.Popen, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while not os.path.exists(path):
@@ -118,8 +106,8 @@ def measure_mount(cmd, env, mountpoint, first_file, big_file, listed_dir) -> dic
             "first_byte_s": first_byte,
             "read_mb_s": size / seconds / 1e6,
             "ls_lR_s": ls_seconds,
-            "rss_after_ls": _rss(proc.pid),
-            "peak_rss": _hwm(proc.pid),
+            "rss_after_ls": compare._proc_memory(proc.pid, "VmRSS"),
+            "peak_rss": compare._proc_memory(proc.pid),
         }
     finally:
         _unmount(mountpoint, proc)

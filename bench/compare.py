@@ -329,12 +329,17 @@ def _proc_minflt(pid: int) -> int:
     return int(_proc_stat(pid)[7])
 
 
-def _proc_hwm(pid: int) -> int:
+def _proc_memory(pid: int, field: str = "VmHWM") -> int:
+    """Bytes of a memory figure of ``/proc/PID/status`` (VmHWM: peak RSS, VmRSS: now)."""
     with open(f"/proc/{pid}/status") as handle:
         for line in handle:
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+def _proc_hwm(pid: int) -> int:
+    return _proc_memory(pid)
 
 
 def _free_port() -> int:

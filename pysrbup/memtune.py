@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
@@ -44,7 +43,7 @@ def tune_malloc(mmap_threshold: int = MMAP_THRESHOLD, trim_threshold: int = TRIM
     if _done:
         return True
     with contextlib.suppress(OSError, AttributeError, TypeError):
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc = ctypes.CDLL(None)  # the loaded libc (find_library would run ldconfig)
         ok = libc.mallopt(M_MMAP_THRESHOLD, mmap_threshold) == 1
         ok = libc.mallopt(M_TRIM_THRESHOLD, trim_threshold) == 1 and ok
         ok = libc.mallopt(M_ARENA_MAX, ARENA_MAX) == 1 and ok

@@ -49,3 +49,19 @@ def key_file(tmp_path):
     path = str(tmp_path / "key")
     write_key_file(path, MasterKey.generate())
     return path
+
+
+@pytest.fixture
+def parts():
+    """(master key, sealer, opener) sharing a fresh session key."""
+    import os
+
+    from pysrbup.crypto.keys import MasterKey
+    from pysrbup.repo import envelope
+
+    key = MasterKey.generate()
+    key_id, session_key = os.urandom(16), os.urandom(32)
+    wrapped = envelope.wrap_session_key(key.wrap_key, key_id, session_key)
+    sealer = envelope.Sealer(key.mac_key, session_key, key_id)
+    opener = envelope.Opener(key.mac_key, key.wrap_key, {key_id: wrapped})
+    return key, sealer, opener

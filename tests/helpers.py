@@ -170,3 +170,14 @@ def backup_id_in(stdout: str) -> str:
 def assert_no_traceback(proc) -> None:
     assert "Traceback" not in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stdout, proc.stdout
+
+
+def server_cli(*args: str, env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Runs ``pysrbup-server ARGS`` to its end (``--scrub``, ``--init``, a refused start)."""
+    return subprocess.run(
+        [sys.executable, "-m", "pysrbup.cli.server", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

@@ -133,16 +133,21 @@ def _children(pid: int) -> list[int]:
     return [kid for kid in kids if _cmdline(kid) == own]
 
 
-def test_a_killed_worker_fails_the_backup_in_one_line(tmp_path, client, key_file):
+def _backup_with_workers(tmp_path, client, key_file, dirs: int, mib: int, workers: int):
+    """A backup of ``dirs`` random files of ``mib`` MiB, started once ``workers`` are up."""
     src = tmp_path / "src"
-    for d in range(40):
+    for d in range(dirs):
         (src / f"d{d}").mkdir(parents=True)
-        (src / f"d{d}" / "data.bin").write_bytes(random_bytes(6 * 1024 * 1024, d))
+        (src / f"d{d}" / "data.bin").write_bytes(random_bytes(mib * 1024 * 1024, d))
     proc = client.spawn("backup", str(src), key_file)
     deadline = time.monotonic() + 60
-    while not _children(proc.pid) and time.monotonic() < deadline:
+    while len(_children(proc.pid)) < workers and time.monotonic() < deadline:
         time.sleep(0.02)
-    victims = _children(proc.pid)
+    return proc, _children(proc.pid)
+
+
+def test_a_killed_worker_fails_the_backup_in_one_line(tmp_path, client, key_file):
+    proc, victims = _backup_with_workers(tmp_path, client, key_file, 40, 6, 1)
     assert victims, "no worker processes appeared"
     os.kill(victims[0], signal.SIGKILL)
     out, err = proc.communicate(timeout=120)
@@ -159,15 +164,7 @@ def test_a_killed_worker_fails_the_backup_in_one_line(tmp_path, client, key_file
 
 
 def test_workers_die_with_a_killed_backup(tmp_path, client, key_file):
-    src = tmp_path / "src"
-    for d in range(30):
-        (src / f"d{d}").mkdir(parents=True)
-        (src / f"d{d}" / "data.bin").write_bytes(random_bytes(4 * 1024 * 1024, d))
-    proc = client.spawn("backup", str(src), key_file)
-    deadline = time.monotonic() + 60
-    while len(_children(proc.pid)) < 2 and time.monotonic() < deadline:
-        time.sleep(0.02)
-    orphans = _children(proc.pid)
+    proc, orphans = _backup_with_workers(tmp_path, client, key_file, 30, 4, 2)
     assert orphans
     proc.kill()
     proc.communicate(timeout=30)  # returns: no worker holds its stdout or stderr open

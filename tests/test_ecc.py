@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import os
 import random
-import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
-from helpers import assert_no_traceback, backup_id_in
+from helpers import assert_no_traceback, backup_id_in, server_cli
 from trees import random_bytes, snapshot_tree
 
 from pysrbup.server import ecc, packs
@@ -31,16 +29,6 @@ def _wait_for_parity(repo: str, timeout: float = 30) -> list[str]:
             return found
         time.sleep(0.05)
     raise AssertionError("parity was not written")
-
-
-def _server_cli(*args: str, env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "pysrbup.cli.server", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
 
 
 def _flip(path: str, offset: int, count: int = 1) -> None:
@@ -159,7 +147,7 @@ def test_restore_heals_bit_rot_on_the_fly(tmp_path, client, key_file, server):
     assert snapshot_tree(str(tmp_path / "out" / "src")) == snapshot_tree(str(src))
     assert "repaired" in server.log()
     server.stop()
-    scrub = _server_cli("--scrub", server.repo, env=server.env)
+    scrub = server_cli("--scrub", server.repo, env=server.env)
     assert scrub.returncode == 0, scrub.stdout + scrub.stderr
     assert " 0 repaired, 0 unrepairable" in scrub.stdout  # the read already wrote the repair back
 
@@ -171,11 +159,11 @@ def test_scrub_repairs_and_reports(tmp_path, client, key_file, server):
     with open(pack, "r+b") as handle:  # a zeroed range and a deleted sidecar elsewhere
         handle.seek(1_000_000)
         handle.write(b"\0" * 100_000)
-    scrub = _server_cli("--scrub", server.repo, env=server.env)
+    scrub = server_cli("--scrub", server.repo, env=server.env)
     assert scrub.returncode == 0, scrub.stdout + scrub.stderr
     assert "0 unrepairable" in scrub.stdout and " 0 repaired" not in scrub.stdout
     os.unlink(ecc.sidecar_path(pack))
-    scrub = _server_cli("--scrub", server.repo, env=server.env)
+    scrub = server_cli("--scrub", server.repo, env=server.env)
     assert scrub.returncode == 0 and "0 unrepairable" in scrub.stdout
     assert os.path.exists(ecc.sidecar_path(pack))  # verified, then protected again
     server.start()
@@ -194,7 +182,7 @@ def test_damage_beyond_parity_names_files_and_restores_the_rest(tmp_path, client
     first_row, column = divmod(victim.offset + 10, sc.row_len)
     for i in range(3):
         _flip(pack, (first_row + i) % sc.k * sc.row_len + column)
-    scrub = _server_cli("--scrub", server.repo, env=server.env)
+    scrub = server_cli("--scrub", server.repo, env=server.env)
     assert scrub.returncode == 1
     assert "lost object" in scrub.stdout and victim.oid.hex() in scrub.stdout
     server.start()
@@ -211,7 +199,7 @@ def test_a_pack_deleted_behind_the_servers_back_is_reported(tmp_path, client, ke
     lost = {e.oid.hex() for e in packs.read_footer(pack)}
     server.stop()
     os.unlink(pack)
-    scrub = _server_cli("--scrub", server.repo, env=server.env)
+    scrub = server_cli("--scrub", server.repo, env=server.env)
     assert scrub.returncode == 1, scrub.stdout + scrub.stderr
     assert f"{len(lost)} object(s) lost" in scrub.stdout
     assert lost <= set(scrub.stdout.split())
@@ -254,10 +242,10 @@ def test_lost_index_is_refused_then_rebuilt(tmp_path, client, key_file, server):
         path = os.path.join(server.repo, "index.sqlite" + extra)
         if os.path.exists(path):
             os.unlink(path)
-    refused = _server_cli(f"--bind-to={server.address}", server.repo, env=server.env)
+    refused = server_cli(f"--bind-to={server.address}", server.repo, env=server.env)
     assert refused.returncode != 0 and "--rebuild-index" in refused.stderr
     assert_no_traceback(refused)
-    rebuilt = _server_cli("--rebuild-index", server.repo, env=server.env)
+    rebuilt = server_cli("--rebuild-index", server.repo, env=server.env)
     assert rebuilt.returncode == 0, rebuilt.stderr
     assert "rebuilt the index" in rebuilt.stdout
     server.start()
@@ -293,5 +281,5 @@ def test_kill_9_during_uploads_repeatedly(tmp_path, client, key_file, server):
         rerun = client.backup(str(src), key_file)  # the interrupted backup completes
         completed[rerun] = str(src)
     server.stop()
-    scrub = _server_cli("--scrub", server.repo, env=server.env)
+    scrub = server_cli("--scrub", server.repo, env=server.env)
     assert scrub.returncode == 0, scrub.stdout + scrub.stderr

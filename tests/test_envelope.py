@@ -12,16 +12,6 @@ from pysrbup.errors import IntegrityError, KeyFileError, WrongKeyError
 from pysrbup.repo import envelope
 
 
-@pytest.fixture
-def parts():
-    key = MasterKey.generate()
-    key_id, session_key = os.urandom(16), os.urandom(32)
-    wrapped = envelope.wrap_session_key(key.wrap_key, key_id, session_key)
-    sealer = envelope.Sealer(key.mac_key, session_key, key_id)
-    opener = envelope.Opener(key.mac_key, key.wrap_key, {key_id: wrapped})
-    return key, sealer, opener
-
-
 @pytest.mark.parametrize("data", [b"", b"x", b"abc" * 100_000, os.urandom(70_000)])
 def test_roundtrip(parts, data):
     _, sealer, opener = parts

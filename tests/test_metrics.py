@@ -5,13 +5,11 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
-import sys
 import time
 import urllib.request
 
 import pytest
-from helpers import ServerProcess, base_env, free_port
+from helpers import ServerProcess, base_env, free_port, server_cli
 from prometheus_client.parser import text_string_to_metric_families
 from trees import random_bytes, snapshot_tree
 
@@ -190,22 +188,12 @@ def test_parity_repairs_and_scrubs_are_counted(tmp_path, metered, cache_dir, key
     assert value(lost, "pysrbup_scrub_damaged_objects_total") >= 1
 
 
-def _server_cli(*args: str, env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "pysrbup.cli.server", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-
-
 def test_a_busy_metrics_port_is_one_line_and_a_failure(tmp_path, cache_dir):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         taken = busy.getsockname()[1]
-        proc = _server_cli(
+        proc = server_cli(
             f"--bind-to=127.0.0.1:{free_port()}",
             f"--metrics-address=127.0.0.1:{taken}",
             str(tmp_path / "repo"),
@@ -219,7 +207,7 @@ def test_a_busy_metrics_port_is_one_line_and_a_failure(tmp_path, cache_dir):
 
 @pytest.mark.parametrize("address", ["notaport", "localhost:", ":9100", "127.0.0.1:70000"])
 def test_a_malformed_metrics_address_is_a_usage_error(tmp_path, cache_dir, address):
-    proc = _server_cli(
+    proc = server_cli(
         f"--metrics-address={address}", str(tmp_path / "repo"), env=base_env(cache_dir)
     )
     assert proc.returncode == 2

@@ -19,20 +19,9 @@ from inprocess import in_process_server
 from trees import random_bytes, snapshot_tree
 
 from pysrbup.client import restore as restore_mod
-from pysrbup.crypto.keys import MasterKey
 from pysrbup.errors import IntegrityError
 from pysrbup.repo import envelope
 from pysrbup.repo.wire import KEY_ID_SIZE
-
-
-@pytest.fixture
-def parts():
-    key = MasterKey.generate()
-    key_id, session_key = os.urandom(16), os.urandom(32)
-    wrapped = envelope.wrap_session_key(key.wrap_key, key_id, session_key)
-    sealer = envelope.Sealer(key.mac_key, session_key, key_id)
-    opener = envelope.Opener(key.mac_key, key.wrap_key, {key_id: wrapped})
-    return sealer, opener
 
 
 def _seal_raw(sealer: envelope.Sealer, oid: bytes, payload: bytes, flags: int) -> bytes:
@@ -52,7 +41,7 @@ def _sample(rng: random.Random) -> bytes:
 
 
 def test_open_into_returns_what_open_returns_on_random_inputs(parts):
-    sealer, opener = parts
+    _, sealer, opener = parts
     rng = random.Random(7)
     buffers = envelope.Buffers()  # one for all: sizes grow and shrink
     for _ in range(60):
@@ -64,7 +53,7 @@ def test_open_into_returns_what_open_returns_on_random_inputs(parts):
 
 
 def test_a_view_survives_a_larger_object(parts):
-    sealer, opener = parts
+    _, sealer, opener = parts
     buffers = envelope.Buffers()
     small, large = b"small " * 100, os.urandom(3 * envelope.BUFFER_STEP)
     first = opener.open_into(
@@ -76,7 +65,7 @@ def test_a_view_survives_a_larger_object(parts):
 
 @pytest.mark.parametrize("compressible", [True, False])
 def test_open_into_detects_every_flipped_byte(parts, compressible):
-    sealer, opener = parts
+    _, sealer, opener = parts
     data = b"some plaintext " * 20 if compressible else os.urandom(300)
     oid = sealer.object_id(data)
     sealed = sealer.seal(oid, data)
@@ -91,7 +80,7 @@ def test_open_into_detects_every_flipped_byte(parts, compressible):
 
 
 def test_open_into_refuses_truncated_swapped_and_foreign_objects(parts):
-    sealer, opener = parts
+    _, sealer, opener = parts
     buffers = envelope.Buffers()
     a, b = b"A" * 500, b"B" * 500
     sealed_a = sealer.seal(sealer.object_id(a), a)
@@ -113,7 +102,7 @@ def test_open_into_refuses_truncated_swapped_and_foreign_objects(parts):
 
 def test_hand_made_zstd_payloads_get_the_same_verdict(parts):
     """Frames without a declared size, with trailing frames, or not zstd at all."""
-    sealer, opener = parts
+    _, sealer, opener = parts
     buffers = envelope.Buffers()
     data, more = b"first part " * 1000, b"second part " * 1000
     no_size = zstandard.ZstdCompressor(write_content_size=False).compress(data)

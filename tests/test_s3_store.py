@@ -12,13 +12,18 @@ from __future__ import annotations
 import os
 import random
 import shutil
-import subprocess
-import sys
 import time
 
 import pytest
 from faultstore import Crash, FaultyStore
-from helpers import ServerProcess, assert_no_traceback, backup_id_in, base_env, free_port
+from helpers import (
+    ServerProcess,
+    assert_no_traceback,
+    backup_id_in,
+    base_env,
+    free_port,
+    server_cli,
+)
 from seaweed import ACCESS_KEY, s3_env, s3_or_skip
 from trees import random_bytes, snapshot_tree
 
@@ -106,16 +111,6 @@ def served(tmp_path, backend, cache_dir):
     srv.stop()
 
 
-def _server_cli(*args: str, env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "pysrbup.cli.server", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-
-
 def _tree(root, seed: int, files: int = 3, size: int = 2 * 1024 * 1024):
     root.mkdir(parents=True)
     for i in range(files):
@@ -157,10 +152,10 @@ def test_parity_repairs_and_scrub(tmp_path, backend, served, cache_dir, key_file
     assert "repaired" in served.log()
     served.stop()
     backend.flip(name, [1000, 2000])
-    scrub = _server_cli("--scrub", *backend.flags, served.repo, env=served.env)
+    scrub = server_cli("--scrub", *backend.flags, served.repo, env=served.env)
     assert scrub.returncode == 0, scrub.stdout + scrub.stderr
     assert "0 unrepairable" in scrub.stdout and " 0 repaired" not in scrub.stdout
-    again = _server_cli("--scrub", *backend.flags, served.repo, env=served.env)
+    again = server_cli("--scrub", *backend.flags, served.repo, env=served.env)
     assert " 0 repaired, 0 unrepairable" in again.stdout
 
 
@@ -188,7 +183,7 @@ def test_concurrent_clients_and_kill_9(tmp_path, backend, served, cache_dir, key
         client.run("restore", backup_id, str(out), key_file, check=True)
         assert snapshot_tree(str(out / src.name)) == snapshot_tree(str(src))
     served.stop()
-    scrub = _server_cli("--scrub", *backend.flags, served.repo, env=served.env)
+    scrub = server_cli("--scrub", *backend.flags, served.repo, env=served.env)
     assert scrub.returncode == 0, scrub.stdout + scrub.stderr
 
 
@@ -225,7 +220,7 @@ def test_a_second_server_on_one_bucket_is_refused(tmp_path, cache_dir):
     backend = Backend("s3", tmp_path)
     first = _server(tmp_path, backend, cache_dir)
     try:
-        refused = _server_cli(
+        refused = server_cli(
             f"--bind-to=127.0.0.1:{free_port()}",
             *backend.flags,
             str(tmp_path / "other-local"),
@@ -251,7 +246,7 @@ def test_unreachable_or_missing_bucket_is_one_line(tmp_path, cache_dir):
         (backend.flags[0], {"AWS_ENDPOINT_URL": "http://127.0.0.1:9"}, "cannot reach"),
     ]
     for flag, extra, message in cases:
-        proc = _server_cli(flag, str(tmp_path / "l"), env=dict(env, **extra))
+        proc = server_cli(flag, str(tmp_path / "l"), env=dict(env, **extra))
         assert proc.returncode != 0 and message in proc.stderr, proc.stderr
         assert_no_traceback(proc)
         assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr

@@ -984,9 +984,7 @@ def cmd_find(args) -> int:
 
 def cmd_dump(args) -> int:
     from pysrbup.client import browse
-    from pysrbup.memtune import RESTORE_MMAP_THRESHOLD, tune_malloc
 
-    tune_malloc(RESTORE_MMAP_THRESHOLD)  # before gRPC starts its threads (and their arenas)
     repo = _open_repo(args, _key(args.key_file))
     with repo.conn:
         backup_id, record = browse.open_backup(repo, args.backup_id)
@@ -1074,6 +1072,21 @@ COMMANDS = {
 }
 
 
+#: Commands that receive file data in frames of a few MiB (see pysrbup/memtune.py).
+_READERS = {"restore", "dump", "mount"}
+
+
+def _tune_memory(command: str) -> None:
+    """malloc tuning for the command, before any thread (gRPC's) allocates: only then
+    does the arena limit hold."""
+    from pysrbup import memtune
+
+    if command in _READERS:
+        memtune.tune_malloc(memtune.RESTORE_MMAP_THRESHOLD, memtune.RESTORE_TRIM_THRESHOLD)
+    else:
+        memtune.tune_malloc()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # gRPC core logs every failed TLS handshake at INFO on stderr; errors are reported in one line.
@@ -1081,6 +1094,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.num_threads < 1:
         print("pysrbup-client: error: --num-threads must be at least 1", file=sys.stderr)
         return UsageError.exit_code
+    _tune_memory(args.command)
     try:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:

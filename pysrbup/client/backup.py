@@ -61,7 +61,6 @@ from pysrbup.client.retry import retrying
 from pysrbup.client.session import SessionHolder
 from pysrbup.client.uploader import Uploader
 from pysrbup.errors import IntegrityError, NotFoundError, UsageError
-from pysrbup.memtune import tune_malloc
 from pysrbup.proto import repo_pb2
 from pysrbup.repo import envelope, snapshot, tree
 from pysrbup.repo.wire import ID_SIZE
@@ -148,7 +147,6 @@ class Backup:
         xattrs: bool = True,
         dry_run: bool = False,
     ):
-        tune_malloc()
         self.repo = repo
         self.dry_run = dry_run
         self._excludes = excludes or Excludes()
@@ -174,6 +172,7 @@ class Backup:
         self._fatal: BaseException | None = None
         self._files: FilesCache | None = None
         self._pool: workers.WorkerPool | None = None
+        self._uploader: Uploader | None = None
 
     # ---- objects -------------------------------------------------------
 
@@ -415,9 +414,8 @@ class Backup:
             self._record_file(path_b, st, ids, encoded_record, now_ns)
 
     def _uploader_flush(self) -> None:
-        uploader = getattr(self, "_uploader", None)
-        if uploader is not None and not self.dry_run:
-            uploader.flush()
+        if self._uploader is not None:
+            self._uploader.flush()
 
     def run(
         self,
@@ -666,10 +664,9 @@ class Backup:
 
     def _abort(self) -> None:
         self._stop_workers(kill=True)
-        uploader = getattr(self, "_uploader", None)
-        if uploader is not None:
+        if self._uploader is not None:
             with contextlib.suppress(Exception):
-                uploader.abort()
+                self._uploader.abort()
         sessions = getattr(self, "_sessions", None)
         if sessions is not None:
             with contextlib.suppress(Exception):

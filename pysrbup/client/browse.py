@@ -41,7 +41,6 @@ from typing import BinaryIO
 
 from pysrbup.client.repository import FETCH_IDS, RemoteRepository
 from pysrbup.errors import IntegrityError, NotFoundError, PysrbupError, UsageError
-from pysrbup.memtune import RESTORE_MMAP_THRESHOLD, tune_malloc
 from pysrbup.proto import repo_pb2
 from pysrbup.repo import tree
 from pysrbup.textsafe import printable
@@ -784,7 +783,6 @@ def dump(
 
     Returns the entry dumped; PysrbupError for a symlink or special file.
     """
-    tune_malloc(RESTORE_MMAP_THRESHOLD)  # as restore: 8 MiB frames go back to the kernel
     top = locate(trees, record, path, backup_id)
     node = top[1]
     if node.type == NODE_FILE:

@@ -150,15 +150,13 @@ class _LogIndex:
         return (key, entry) if found == path else None
 
     def kept(self, root_prefix: bytes):
-        """Offsets of the records seen in this run or outside ``root_prefix``."""
+        """(offset, path) of the records seen in this run or outside ``root_prefix``."""
         for key, offset in self.offsets.items():
-            if key in self.seen:
-                yield offset
-                continue
             plen = _HEAD.unpack_from(self.blob, offset + _LEN.size)[5]
             at = offset + _LEN.size + _HEAD.size
-            if not self.blob[at : at + plen].startswith(root_prefix):
-                yield offset
+            path = self.blob[at : at + plen]
+            if key in self.seen or not path.startswith(root_prefix):
+                yield offset, path
 
     def record_bytes(self, offset: int) -> bytes:
         (length,) = _LEN.unpack_from(self.blob, offset)
@@ -268,8 +266,7 @@ class FilesCache:
             tmp = self.path + ".tmp"
             try:
                 with open(tmp, "wb") as handle:
-                    for offset in index.kept(prefix):
-                        path = read_record(index.blob, offset)[0]
+                    for offset, path in index.kept(prefix):
                         if path not in self._added:  # superseded by this run's entry
                             handle.write(index.record_bytes(offset))
                     handle.write(b"".join(self._added.values()))

@@ -447,23 +447,19 @@ class BackupFS:
                 ahead += 1
             self.chunks.prefetch(handle.ids[stop:ahead])
         handle.next_offset = end
-        wanted = handle.ids[first:stop]
-        got = self._guard(path, lambda: self.chunks.get_many(wanted))
+        return self._guard(path, lambda: self._bytes(handle, first, stop, offset, end))
+
+    def _bytes(self, handle: _OpenFile, first: int, stop: int, offset: int, end: int) -> bytes:
+        """Bytes ``offset:end`` of the file, from its chunks ``first:stop`` (verified)."""
+        got = self.chunks.get_many(handle.ids[first:stop])
         out = []
         for index in range(first, stop):
             data = got[handle.ids[index]]
             if len(data) != handle.sizes[index]:  # type: ignore[arg-type]
-                self._guard(path, self._size_error(handle, index))
+                raise IntegrityError(f"chunk {handle.ids[index].hex()[:16]} has the wrong size")
             start = handle.offsets[index]
             out.append(data[max(offset - start, 0) : end - start])  # type: ignore[index]
         return out[0] if len(out) == 1 else b"".join(out)
-
-    @staticmethod
-    def _size_error(handle: _OpenFile, index: int) -> Callable:
-        def fail():
-            raise IntegrityError(f"chunk {handle.ids[index].hex()[:16]} has the wrong size")
-
-        return fail
 
     def release(self, path: str, fh: int) -> int:
         with self._lock:

@@ -51,7 +51,6 @@ from pysrbup.client.safefs import (
     DirTable,
 )
 from pysrbup.errors import IncompleteError, IntegrityError, PysrbupError, RestoreTargetError
-from pysrbup.memtune import RESTORE_MMAP_THRESHOLD, RESTORE_TRIM_THRESHOLD, tune_malloc
 from pysrbup.proto import repo_pb2
 from pysrbup.repo import envelope, tree, wire
 from pysrbup.textsafe import printable
@@ -69,10 +68,6 @@ INFLIGHT_BYTES = 16 * 1024 * 1024
 #: All-zero chunks at least this big are left as holes (smaller ones cost less to write).
 SPARSE_MIN = 64 * 1024
 _ZEROS = bytes(64 * 1024)
-
-# Tuned on import: ``cmd_restore`` imports this module before it connects, and
-# the arena limit only holds if set before any thread (gRPC's) allocates.
-tune_malloc(RESTORE_MMAP_THRESHOLD, RESTORE_TRIM_THRESHOLD)
 
 
 def _is_zero(data: memoryview) -> bool:
@@ -244,7 +239,6 @@ class Restore:
         includes: list[str] | None = None,
         excludes: list[str] | None = None,
     ):
-        tune_malloc(RESTORE_MMAP_THRESHOLD, RESTORE_TRIM_THRESHOLD)
         self.repo = repo
         self.numeric_owner = numeric_owner
         self.opener = repo.opener

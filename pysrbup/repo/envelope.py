@@ -34,7 +34,7 @@ from __future__ import annotations
 import os
 import struct
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import blake3
 import zstandard
@@ -216,10 +216,13 @@ class Opener:
             aead.decrypt_into(nonce, view[HEADER_SIZE:], aad, sealed)
         except InvalidTag:
             raise IntegrityError(f"object {oid.hex()[:16]} failed authentication") from None
-        payload = sealed
+        return self._verified(oid, sealed, flags, lambda data: self._decompress_into(data, buffers))
+
+    def _verified(self, oid: bytes, payload, flags: int, decompress: Callable):
+        """The plaintext of a decrypted ``payload``: decompressed if flagged, its id checked."""
         if flags & FLAG_ZSTD:
             try:
-                payload = self._decompress_into(sealed, buffers)
+                payload = decompress(payload)
             except zstandard.ZstdError as exc:
                 raise IntegrityError(
                     f"object {oid.hex()[:16]} does not decompress: {exc}"
@@ -228,13 +231,14 @@ class Opener:
             raise IntegrityError(f"object {oid.hex()[:16]} does not match its id")
         return payload
 
+    def _decompress(self, data) -> bytes:
+        return self._decompressor().decompress(data, max_output_size=MAX_OBJECT_SIZE)
+
     def _decompress_into(self, data: memoryview, buffers: Buffers) -> memoryview:
         """Decompresses one zstd frame into ``buffers.plain``; ZstdError if it is not one."""
         size = zstandard.frame_content_size(data)
         if size < 0 or size > MAX_OBJECT_SIZE:  # unknown (or absurd): as ``open`` does
-            return memoryview(
-                self._decompressor().decompress(data, max_output_size=MAX_OBJECT_SIZE)
-            )
+            return memoryview(self._decompress(data))
         out = buffers.plain(size)
         reader = self._decompressor().stream_reader(data, read_across_frames=False)
         got = 0
@@ -246,9 +250,7 @@ class Opener:
         if got != size:
             raise zstandard.ZstdError(f"frame declares {size} bytes but holds {got}")
         if reader.read(1):  # more after the frame (pysrbup writes one): as ``open`` does
-            return memoryview(
-                self._decompressor().decompress(data, max_output_size=MAX_OBJECT_SIZE)
-            )
+            return memoryview(self._decompress(data))
         return out
 
     def open(self, oid: bytes, envelope) -> bytes:
@@ -259,16 +261,7 @@ class Opener:
             payload = aead.decrypt(nonce, view[HEADER_SIZE:], aad)
         except InvalidTag:
             raise IntegrityError(f"object {oid.hex()[:16]} failed authentication") from None
-        if flags & FLAG_ZSTD:
-            try:
-                payload = self._decompressor().decompress(payload, max_output_size=MAX_OBJECT_SIZE)
-            except zstandard.ZstdError as exc:
-                raise IntegrityError(
-                    f"object {oid.hex()[:16]} does not decompress: {exc}"
-                ) from None
-        if object_id(self.mac_key, payload) != oid:
-            raise IntegrityError(f"object {oid.hex()[:16]} does not match its id")
-        return payload
+        return self._verified(oid, payload, flags, self._decompress)
 
 
 def wrap_session_key(wrap_key: bytes, key_id: bytes, session_key: bytes) -> bytes:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from urllib.parse import urlparse
 
 from pysrbup.errors import RepositoryError, StorageFullError, UsageError
+from pysrbup.server.packs import fsync_dir
 
 
 class BlobNotFoundError(FileNotFoundError):
@@ -144,13 +145,17 @@ def _os_error(exc: OSError, what: str) -> Exception:
     return RepositoryError(f"cannot {what}: {exc.strerror or exc}")
 
 
-def fsync_dir(path: str) -> None:
-    """Makes a rename or create inside ``path`` durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _temp_name(path: str) -> str:
+    return f"{path}.tmp.{os.getpid()}.{threading.get_ident()}"
+
+
+def _write_synced(tmp: str, data) -> None:
+    """Writes ``data`` to the new file ``tmp`` (its directory made if need be), fsynced."""
+    os.makedirs(os.path.dirname(tmp), exist_ok=True)
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 class LocalStore(BlobStore):
@@ -182,13 +187,9 @@ class LocalStore(BlobStore):
 
     def put(self, name: str, data: bytes | memoryview) -> None:
         path = self.path(name)
-        tmp = f"{path}.tmp.{os.getpid()}.{threading.get_ident()}"
+        tmp = _temp_name(path)
         try:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(tmp, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
+            _write_synced(tmp, data)
             os.replace(tmp, path)
             fsync_dir(os.path.dirname(path))
         except OSError as exc:
@@ -221,13 +222,9 @@ class LocalStore(BlobStore):
 
     def put_new(self, name: str, data: bytes) -> bool:
         path = self.path(name)
-        tmp = f"{path}.tmp.{os.getpid()}.{threading.get_ident()}"
+        tmp = _temp_name(path)
         try:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(tmp, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
+            _write_synced(tmp, data)
             try:
                 os.link(tmp, path)  # fails if it exists: create-only, atomically
             except FileExistsError:
