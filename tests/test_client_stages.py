@@ -93,7 +93,7 @@ def test_id_cache_follows_the_log_and_survives_a_torn_file(served):
     repo_id = served.remote.repo_id
     cache = IdCache(repo_id)
     assert cache.sync(served.remote.conn) == []
-    assert {oid for oid, _ in objects} <= cache.ids
+    assert all(oid in cache.ids for oid, _ in objects) and len(cache.ids) == 40
     # A crash after appending ids but before saving the state leaves extra bytes.
     with open(cache._ids_path, "ab") as handle:
         handle.write(os.urandom(32 * 3 + 5))
@@ -106,6 +106,31 @@ def test_id_cache_follows_the_log_and_survives_a_torn_file(served):
     fresh = IdCache(repo_id)
     fresh.sync(served.remote.conn)
     assert objects[0][0] not in fresh.ids and objects[1][0] in fresh.ids
+
+
+def test_id_cache_drops_condemned_ids_until_they_are_stored_again(served):
+    sessions = SessionHolder(served.remote.begin_session)
+    up = Uploader(served.remote.conn, sessions)
+    objects = _objects(30, 100)
+    for oid, envelope in objects:
+        up.put(oid, envelope)
+    up.finish()
+    cache = IdCache(served.remote.repo_id)
+    cache.sync(served.remote.conn)
+    doomed = [oid for oid, _ in objects[:10]]
+    served.remote.condemn(doomed, [])
+    assert sorted(cache.sync(served.remote.conn)) == sorted(doomed)
+    assert not any(oid in cache.ids for oid in doomed) and len(cache.ids) == 20
+    again = Uploader(served.remote.conn, SessionHolder(served.remote.begin_session))
+    for oid, envelope in objects[:3]:  # stored again: logged as added after the condemn
+        again.put(oid, envelope)
+    again.finish()
+    later = IdCache(served.remote.repo_id)
+    later.sync(served.remote.conn)
+    assert [oid in later.ids for oid in doomed] == [True] * 3 + [False] * 7
+    assert len(later.ids) == 23
+    with open(later._ids_path, "rb") as handle:
+        assert len(handle.read()) == 23 * 32  # the file holds the set, nothing more
 
 
 def test_id_cache_restarts_when_the_index_epoch_changes(served):

@@ -80,3 +80,38 @@ def test_subkeys_are_distinct_and_stable():
 def test_malformed_key_text(text):
     with pytest.raises(KeyFileError):
         keyfile.loads(text)
+
+
+def test_nonces_never_repeat_across_threads_and_forks():
+    """Pooled nonces: a forked child must not take the parent's next ones."""
+    import threading
+
+    from pysrbup.repo.envelope import new_nonce
+
+    taken = [new_nonce() for _ in range(5000)]  # crosses a pool refill
+    per_thread: list[list[bytes]] = [[] for _ in range(3)]
+    threads = [
+        threading.Thread(target=lambda out=out: out.extend(new_nonce() for _ in range(3000)))
+        for out in per_thread
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its nonces go back through the pipe
+        os.close(read_end)
+        os.write(write_end, b"".join(new_nonce() for _ in range(100)))
+        os._exit(0)
+    os.close(write_end)
+    child = b""
+    while chunk := os.read(read_end, 65536):
+        child += chunk
+    os.close(read_end)
+    os.waitpid(pid, 0)
+    after_fork = [new_nonce() for _ in range(100)]
+    everything = taken + [n for out in per_thread for n in out] + after_fork
+    everything += [child[i : i + 12] for i in range(0, len(child), 12)]
+    assert len(child) == 1200 and all(len(n) == 12 for n in everything)
+    assert len(set(everything)) == len(everything) == 5000 + 9000 + 200

@@ -48,8 +48,10 @@ def test_a_file_changed_just_now_is_not_cached(tmp_path):
     data.write_bytes(b"just written")
     cache = _cache(tmp_path)
     cache.add(os.fsencode(data), os.stat(data), IDS, SIZES, time.time_ns())
-    assert cache.lookup(os.fsencode(data), os.stat(data)) is None
     cache.close()
+    again = _cache(tmp_path)
+    assert again.lookup(os.fsencode(data), os.stat(data)) is None
+    again.close()
 
 
 def test_a_torn_tail_is_cut_and_the_rest_kept(tmp_path):
@@ -86,13 +88,17 @@ def test_compaction_keeps_what_was_seen_and_other_roots(tmp_path):
     for path in (kept, dropped, elsewhere):
         cache.add(os.fsencode(path), _old_file(path), IDS, SIZES, _later())
     cache.close()
-    run = _cache(tmp_path)  # the next backup of root sees only "kept"
+    run = _cache(tmp_path)  # the next backup of root sees only "kept", and a new file
     assert run.lookup(os.fsencode(kept), os.stat(kept)) is not None
     run.keep(os.fsencode(kept))
+    new = root / "new"
+    run.add(os.fsencode(new), _old_file(new), IDS[:32], SIZES[:4], _later())
     run.compact(os.fsencode(root))
     run.close()
     after = _cache(tmp_path)
+    assert len(after) == 3
     assert after.lookup(os.fsencode(kept), os.stat(kept)) is not None
+    assert after.lookup(os.fsencode(new), os.stat(new)).chunk_ids == IDS[:32]
     assert after.lookup(os.fsencode(elsewhere), os.stat(elsewhere)) is not None
     assert after.lookup(os.fsencode(dropped), os.stat(dropped)) is None
     after.close()

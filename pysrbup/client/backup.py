@@ -36,7 +36,6 @@ import contextlib
 import gc
 import getpass
 import os
-import random
 import socket
 import stat
 import sys
@@ -54,6 +53,7 @@ from pysrbup.client.excludes import Excludes
 from pysrbup.client.file_saver import Block, BlockPool, FileSaver, seal
 from pysrbup.client.filescache import FilesCache
 from pysrbup.client.idcache import IdCache
+from pysrbup.client.idset import IdSet
 from pysrbup.client.nodes import NodeMaker
 from pysrbup.client.progress import Progress
 from pysrbup.client.repository import RemoteRepository
@@ -123,10 +123,10 @@ class _Dir:
 class _PendingEntry:
     """A files-cache record waiting for its chunks to become durable."""
 
-    __slots__ = ("now_ns", "path", "record", "st", "waiting")
+    __slots__ = ("record", "waiting")
 
-    def __init__(self, path: bytes, st, record: bytes, now_ns: int):
-        self.path, self.st, self.record, self.now_ns = path, st, record, now_ns
+    def __init__(self, record: bytes):
+        self.record = record
         self.waiting = 0
 
 
@@ -158,12 +158,13 @@ class Backup:
             lambda message: print(f"warning: {printable(message)}", file=sys.stderr)
         )
         self.result = BackupResult()
-        self._known: set[bytes] = set()
+        self._known = IdSet()
         self._claimed: set[bytes] = set()
         # Every id this backup references (uploaded or deduplicated): before the
-        # commit, any of them condemned by a concurrent delete is revived.
-        self._used: set[bytes] = set()
-        self._used_blobs: list[bytes] = []  # files' chunk id lists, added to _used at the end
+        # commit, any of them condemned by a concurrent delete is revived. Kept as
+        # concatenated ids while the backup runs, made into one IdSet at the end.
+        self._used = IdSet()
+        self._used_ids = bytearray()  # 32 bytes an id, repeats included
         # Claimed by this session, not yet acknowledged durable -> entries waiting on it.
         # (None until an entry waits: most objects never get a list.)
         self._not_durable: dict[bytes, list[_PendingEntry] | None] = {}
@@ -178,9 +179,16 @@ class Backup:
 
     def _claim(self, oid: bytes) -> bool:
         """True if this backup must upload ``oid`` (neither stored nor claimed already)."""
+        if oid in self._known:
+            self._used_ids += oid
+            return False
+        return self._claim_unknown(oid)
+
+    def _claim_unknown(self, oid: bytes) -> bool:
+        """``_claim`` of an id known to be outside the synced set (a worker checked it)."""
         with self._lock:
-            self._used.add(oid)
-            if oid in self._known or oid in self._claimed:
+            self._used_ids += oid
+            if oid in self._claimed:
                 return False
             self._claimed.add(oid)
             self._not_durable[oid] = None
@@ -217,14 +225,14 @@ class Backup:
         files = self._files
         if files is not None:
             for entry in ready:
-                files.add_record(entry.path, entry.st, entry.record, entry.now_ns)
+                files.append_record(entry.record)
             files.flush()
 
-    def _record_file(self, path_b: bytes, st, ids: bytes, record: bytes, now_ns: int) -> None:
+    def _record_file(self, ids: bytes, record: bytes) -> None:
         """Adds a files cache record once every chunk the file names is durable."""
         if self._files is None:
             return
-        entry = _PendingEntry(path_b, st, record, now_ns)
+        entry = _PendingEntry(record)
         with self._lock:
             for oid in (ids,) if len(ids) == ID_SIZE else _ids(ids):
                 if oid in self._not_durable:
@@ -234,7 +242,7 @@ class Backup:
                     waiters.append(entry)
                     entry.waiting += 1
         if entry.waiting == 0:
-            self._files.add_record(entry.path, entry.st, entry.record, entry.now_ns)
+            self._files.append_record(record)
 
     # ---- the tree, in the main process -----------------------------------------
 
@@ -291,6 +299,7 @@ class Backup:
             seal_threads=SEAL_THREADS,
         )
         self._pool = workers.WorkerPool(self.num_threads, setup)
+        self._files.leave_to_workers()  # they look files up; this process only keeps
         # Per file the main process makes a few small objects; with the long-lived
         # ones frozen by the pool, collecting every 700 allocations is all cost.
         self._gc_threshold = gc.get_threshold()
@@ -397,21 +406,22 @@ class Backup:
         freed = workers.on_framed(pool, worker, arena, framing)
         view = pool.arenas[worker][arena]
         for oid, offset, length, plain in objects:
-            if self._claim(oid):
+            if self._claim_unknown(oid):
                 framing[key] += 1
                 self._uploader.put(oid, view[offset : offset + length], freed)
                 self._count_new(plain)
 
     def _take_file(self, payload: tuple) -> None:
-        _, path_b, record, ids, cached = payload
-        self._used_blobs.append(ids)  # made into ids once, before the commit
-        if cached:
-            if self._files is not None:
-                self._files.keep(path_b)
+        """A worker's file: its ids are used; its files-cache record (bytes) is added
+        once durable, or its cached entry (the place, an int) is kept."""
+        _, ids, cache = payload
+        self._used_ids += ids
+        if cache is None or self._files is None:
             return
-        if record is not None:
-            path_b, st, now_ns, encoded_record = record
-            self._record_file(path_b, st, ids, encoded_record, now_ns)
+        if isinstance(cache, int):
+            self._files.keep_place(cache)
+        else:
+            self._record_file(ids, cache)
 
     def _uploader_flush(self) -> None:
         if self._uploader is not None:
@@ -568,8 +578,9 @@ class Backup:
                 session_key_id=self._sealer.key_id,
             )
             backup_id, sealed = snapshot.seal_snapshot(self._sealer, record)
-            self._used.update(_ids(b"".join(self._used_blobs)))
-            self._used_blobs.clear()
+            used, self._used_ids = self._used_ids, bytearray()
+            self._used = IdSet(used)  # sorts ``used`` in place
+            del used
             self._confirm_deduplicated(cache)
             self._commit(cache, backup_id, sealed)
             self._files.compact(source_b)
@@ -635,9 +646,7 @@ class Backup:
         the next run uploads them.
         """
         with self._lock:
-            reused = [oid for oid in self._used if oid not in self._claimed]
-        if len(reused) > CONFIRM_SAMPLE:
-            reused = random.sample(reused, CONFIRM_SAMPLE)
+            reused = self._used.sample(CONFIRM_SAMPLE, unless=self._claimed.__contains__)
         missing = self.repo.missing_objects(reused)
         if missing:
             cache.discard(missing)

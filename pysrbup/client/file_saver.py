@@ -16,6 +16,7 @@ for ``backup --stdin``, in the main process.
 
 from __future__ import annotations
 
+import mmap
 import os
 import queue
 import threading
@@ -37,9 +38,12 @@ SMALL_FILE = 1024 * 1024
 SAMPLE_SLICES = 32
 SAMPLE_SLICE = 1024
 SAMPLE_RATIO = 0.99
-#: Zeros to fill the holes of sparse files with (one block's worth, shared).
-_ZEROS = memoryview(bytes(BLOCK_BYTES))
+#: Zeros to fill the holes of sparse files with (one block's worth, shared): a
+#: read-only anonymous map reads the kernel's zero page, which takes no memory.
+_ZEROS = memoryview(mmap.mmap(-1, BLOCK_BYTES, prot=mmap.PROT_READ))
 _LOCAL = threading.local()
+_O_NOATIME = getattr(os, "O_NOATIME", 0)
+_EUID = os.geteuid()
 
 
 def compressible(data) -> bool:
@@ -176,45 +180,48 @@ class FileSaver:
         A file that changed while it was read is read once more; if it changes
         again it is stored as read, with a warning, and marked not steady.
         """
+        flags = os.O_RDONLY | os.O_NOFOLLOW
+        if st.st_uid == _EUID or _EUID == 0:  # O_NOATIME needs ownership (or root)
+            flags |= _O_NOATIME
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_NOATIME", 0))
-        except PermissionError:  # O_NOATIME needs ownership
             try:
-                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-            except OSError as exc:
-                warn(f"cannot read {path}: {exc.strerror}")
-                return None
+                fd = os.open(path, flags)
+            except PermissionError:
+                if not flags & _O_NOATIME:
+                    raise
+                fd = os.open(path, flags & ~_O_NOATIME)
         except OSError as exc:
             warn(f"cannot read {path}: {exc.strerror}")
             return None
         try:
-            with open(fd, "rb", buffering=0) as handle:
-                for attempt in range(2):
-                    size = -1
-                    if st.st_size <= SMALL_FILE:
-                        size, ids, sizes = self.read_small(handle)
-                    if size < 0:
-                        handle.seek(0)
+            for _attempt in range(2):
+                size = -1
+                if st.st_size <= SMALL_FILE:  # one read, on the bare descriptor
+                    size, ids, sizes = self.read_small(fd)
+                if size < 0:
+                    os.lseek(fd, 0, os.SEEK_SET)
+                    with open(fd, "rb", buffering=0, closefd=False) as handle:
                         sparse = st.st_blocks * 512 < st.st_size  # has holes
                         size, ids, sizes = self.read_blocks(handle, sparse)
-                    after = os.fstat(handle.fileno())
-                    if (after.st_size, after.st_mtime_ns) == (size, st.st_mtime_ns):
-                        return SavedFile(size, ids, sizes, st, True)
-                    st = after
-                    if attempt == 0:
-                        handle.seek(0)
+                after = os.fstat(fd)
+                if (after.st_size, after.st_mtime_ns) == (size, st.st_mtime_ns):
+                    return SavedFile(size, ids, sizes, st, True)
+                st = after
             warn(f"{path} changed while it was read; stored as read")
             return SavedFile(size, ids, sizes, st, False)
         except OSError as exc:
             warn(f"error reading {path}: {exc.strerror}")
             return None
+        finally:
+            os.close(fd)
 
-    def read_small(self, handle) -> tuple[int, list[bytes], list[int]]:
-        """One read of a small file; size -1 if it is bigger than ``SMALL_FILE`` now."""
+    def read_small(self, fd: int) -> tuple[int, list[bytes], list[int]]:
+        """Reads a small file from its start with ``preadv`` (no file object, no seek);
+        size -1 if it is bigger than ``SMALL_FILE`` now."""
         view = self._small
         filled = 0
         while filled < len(view):
-            got = handle.readinto(view[filled:])
+            got = os.preadv(fd, [view[filled:]], filled)
             if not got:
                 break
             filled += got

@@ -28,14 +28,19 @@ could leave size and times unchanged.
 
 from __future__ import annotations
 
+import array
 import contextlib
 import fcntl
+import mmap
 import os
+import shutil
 import struct
 import threading
 import zlib
+from collections.abc import Iterator
 from typing import NamedTuple
 
+import numpy as np
 import xxhash
 
 from pysrbup.client.cache import repo_cache_dir
@@ -46,6 +51,7 @@ _LEN = struct.Struct("<I")
 _HEAD = struct.Struct("<QqqQII")
 _CRC = struct.Struct("<I")
 FLUSH_BYTES = 256 * 1024
+COMPACT_BUFFER = 1024 * 1024
 MAX_RECORD = 1 << 30
 
 
@@ -82,7 +88,8 @@ def encode(path: bytes, entry: Entry) -> bytes:
 
 
 def _records(blob: bytes):
-    """Yields (offset, end, path) of each intact record of a log, in order; stops at damage."""
+    """Yields (offset, end, path view) of each intact record of a log, in order; stops at
+    damage."""
     view = memoryview(blob)
     pos = 0
     end = len(blob)
@@ -98,8 +105,13 @@ def _records(blob: bytes):
         if _HEAD.size + plen + count * (ID_SIZE + 4) != length:
             return
         start = _HEAD.size
-        yield pos, body_end + _CRC.size, bytes(body[start : start + plen])
+        yield pos, body_end + _CRC.size, body[start : start + plen]
         pos = body_end + _CRC.size
+
+
+def cacheable(st, now_ns: int) -> bool:
+    """Whether a file looked at ``now_ns`` may be cached (see ``RACY_SECONDS``)."""
+    return max(st.st_mtime_ns, st.st_ctime_ns) < now_ns - int(RACY_SECONDS * 1e9)
 
 
 def record_of(path: bytes, st, ids: bytes, sizes: bytes) -> bytes:
@@ -126,55 +138,110 @@ def _path_hash(path: bytes) -> int:
 class _LogIndex:
     """The records of a loaded log, found by the hash of their path.
 
-    A dict of path hash -> record offset (some 100 bytes a file instead of a
-    dict of entries, some 400); the log's bytes stay as they were read, and
-    an entry is decoded when it is looked up. A hash shared by two paths
-    (about 2^-64 per pair) costs a cache miss, nothing else.
+    Two sorted numpy arrays, path hash and record offset (16 bytes a file;
+    a dict of entries took some 400): the log's bytes stay as they were
+    read, and an entry is decoded when it is looked up. A hash shared by two
+    paths (about 2^-64 per pair) costs a cache miss, nothing else.
     """
 
     def __init__(self, blob: bytes):
         self.blob = blob
-        self.offsets: dict[int, int] = {}
+        hashes, offsets = array.array("Q"), array.array("Q")
         self.intact = 0
         for offset, self.intact, path in _records(blob):
-            self.offsets[_path_hash(path)] = offset  # later records win
-        self.seen: set[int] = set()
+            hashes.append(_path_hash(path))
+            offsets.append(offset)
+            path.release()  # a view of the blob: none may outlive the loop
+        keys = np.frombuffer(hashes, dtype=np.uint64)
+        order = np.argsort(keys, kind="stable")
+        keys = keys[order]
+        last = np.ones(len(keys), dtype=bool)  # later records of a path win
+        last[:-1] = keys[1:] != keys[:-1]
+        self.hashes = keys[last]
+        self.offsets = np.frombuffer(offsets, dtype=np.uint64)[order][last]
+        self.seen = bytearray(len(self.hashes))  # 1: looked up and kept by this run
+
+    def __len__(self) -> int:
+        return len(self.hashes)
+
+    def _place(self, key: int) -> int:
+        """The index of ``key`` in the arrays, or -1."""
+        hashes = self.hashes
+        at = int(hashes.searchsorted(np.uint64(key)))
+        return at if at < len(hashes) and int(hashes[at]) == key else -1
 
     def find(self, path: bytes) -> tuple[int, Entry] | None:
-        """(hash, entry) of ``path``, or None."""
-        key = _path_hash(path)
-        offset = self.offsets.get(key)
-        if offset is None:
+        """(place, entry) of ``path``, or None."""
+        at = self._place(_path_hash(path))
+        if at < 0:
             return None
-        found, entry = read_record(self.blob, offset)
-        return (key, entry) if found == path else None
+        found, entry = read_record(self.blob, int(self.offsets[at]))
+        return (at, entry) if found == path else None
 
-    def kept(self, root_prefix: bytes):
-        """(offset, path) of the records seen in this run or outside ``root_prefix``."""
-        for key, offset in self.offsets.items():
-            plen = _HEAD.unpack_from(self.blob, offset + _LEN.size)[5]
-            at = offset + _LEN.size + _HEAD.size
-            path = self.blob[at : at + plen]
-            if key in self.seen or not path.startswith(root_prefix):
-                yield offset, path
+    def keep(self, path: bytes) -> None:
+        at = self._place(_path_hash(path))
+        if at >= 0:
+            self.seen[at] = 1
 
-    def record_bytes(self, offset: int) -> bytes:
-        (length,) = _LEN.unpack_from(self.blob, offset)
-        return bytes(self.blob[offset : offset + _LEN.size + length + _CRC.size])
+    def kept(self, log, root_prefix: bytes) -> Iterator[bytes]:
+        """The records seen in this run or outside ``root_prefix``, read in order from
+        ``log`` (the log file, buffered): memory stays flat however long it is."""
+        order = np.argsort(self.offsets, kind="stable")
+        seen = np.frombuffer(self.seen, dtype=np.uint8)[order].tolist()
+        for offset, was_seen in zip(self.offsets[order].tolist(), seen, strict=True):
+            log.seek(offset)  # within the buffer: no system call
+            head = log.read(_LEN.size + _HEAD.size)
+            if len(head) < _LEN.size + _HEAD.size:
+                raise OSError("the files cache log shrank while it was compacted")
+            (length,) = _LEN.unpack_from(head)
+            plen = _HEAD.unpack_from(head, _LEN.size)[5]
+            rest = log.read(length + _CRC.size - _HEAD.size)
+            if len(rest) != length + _CRC.size - _HEAD.size:
+                raise OSError("the files cache log shrank while it was compacted")
+            if was_seen or plen < len(root_prefix) or rest[: len(root_prefix)] != root_prefix:
+                yield head + rest
+
+
+def _read_log(path: str):
+    """The log's bytes, in a map of their own (not the heap), so that ``leave_to_workers``
+    gives the memory back; b"" when there is none."""
+    try:
+        handle = open(path, "rb")  # noqa: SIM115 - closed below
+    except FileNotFoundError:
+        return b""
+    with handle:
+        size = os.fstat(handle.fileno()).st_size
+        if not size:
+            return b""
+        blob = mmap.mmap(-1, size)
+        view = memoryview(blob)
+        got = 0
+        while got < size:
+            count = handle.readinto(view[got:])
+            if not count:
+                break
+            got += count
+        view.release()
+        if got < size:  # shrank under us: what was read is the log
+            shorter = blob[:got]
+            blob.close()
+            return shorter
+        return blob
 
 
 class FilesCache:
     """The files cache of one repository; ``add`` is thread-safe.
 
     What was loaded stays in the log's bytes behind a ``_LogIndex``; entries
-    added by this run are kept in a dict beside it.
+    added by this run go to the log only (each path is looked up once a run,
+    before it is added), so the memory grows with the files of the last
+    backup, not with this one's.
     """
 
     def __init__(self, repo_id: bytes, folder: str | None = None):
         self.folder = folder or repo_cache_dir(repo_id)
         self.path = os.path.join(self.folder, "files")
         self._index = _LogIndex(b"")
-        self._added: dict[bytes, bytes] = {}  # this run's entries: path -> record
         self.added = 0
         self._lock = threading.Lock()
         self._buffer: list[bytes] = []
@@ -185,7 +252,7 @@ class FilesCache:
 
     def open(self, read_only: bool = False) -> FilesCache:
         """Loads the log and locks it for writing (read-only if asked, or if another backup
-        holds it: then entries are only kept in memory)."""
+        holds it: then this run adds nothing)."""
         self._lock_file = open(self.path + ".lock", "w")  # noqa: SIM115 - closed in close()
         try:
             if read_only:
@@ -194,11 +261,7 @@ class FilesCache:
             self.writable = True
         except BlockingIOError:
             self.writable = False
-        try:
-            with open(self.path, "rb") as handle:
-                blob = handle.read()
-        except FileNotFoundError:
-            blob = b""
+        blob = _read_log(self.path)
         self._index = _LogIndex(blob)
         if self.writable:
             self._handle = open(self.path, "ab")  # noqa: SIM115 - closed in close()
@@ -207,35 +270,46 @@ class FilesCache:
         return self
 
     def __len__(self) -> int:
-        return len(self._index.offsets) + len(self._added)
+        return len(self._index) + self.added
+
+    def leave_to_workers(self) -> None:
+        """After the worker processes forked: drops this process's copy of the loaded
+        log (theirs stay, for lookups); ``keep`` and ``compact`` do not need it."""
+        blob, self._index.blob = self._index.blob, None
+        if isinstance(blob, mmap.mmap):
+            blob.close()
 
     def lookup(self, path: bytes, st: os.stat_result) -> Entry | None:
         """The entry of ``path`` if its stat still matches."""
-        record = self._added.get(path)
-        entry = read_record(record, 0)[1] if record is not None else None
-        if entry is None:
-            found = self._index.find(path)
-            entry = found[1] if found is not None else None
-        if entry is not None and entry.matches(st):
-            return entry
-        return None
+        found = self.find_unchanged(path, st)
+        return found[1] if found is not None else None
+
+    def find_unchanged(self, path: bytes, st: os.stat_result) -> tuple[int, Entry] | None:
+        """(place, entry) of ``path`` if its stat still matches; ``keep_place(place)``
+        then keeps it (a worker looks up, the main process keeps)."""
+        found = self._index.find(path)
+        return found if found is not None and found[1].matches(st) else None
 
     def keep(self, path: bytes) -> None:
         """Marks a cached entry as still in use (kept when the log is rewritten)."""
-        found = self._index.find(path)
-        if found is not None:
-            self._index.seen.add(found[0])
+        self._index.keep(path)
+
+    def keep_place(self, place: int) -> None:
+        """``keep`` by the place ``find_unchanged`` gave."""
+        self._index.seen[place] = 1
 
     def add(self, path: bytes, st: os.stat_result, ids: bytes, sizes: bytes, now_ns: int) -> None:
         """Records a file whose chunks are all durable on the server."""
         self.add_record(path, st, record_of(path, st, ids, sizes), now_ns)
 
     def add_record(self, path: bytes, st, record: bytes, now_ns: int) -> None:
-        """``add`` with the record already made by ``record_of`` (in a worker process)."""
-        if max(st.st_mtime_ns, st.st_ctime_ns) >= now_ns - int(RACY_SECONDS * 1e9):
-            return
+        """``add`` with the record already made by ``record_of``."""
+        if cacheable(st, now_ns):
+            self.append_record(record)
+
+    def append_record(self, record: bytes) -> None:
+        """Appends a record made by ``record_of`` of a file found ``cacheable``."""
         with self._lock:
-            self._added[path] = record
             self.added += 1
             if self._handle is None:
                 return
@@ -256,30 +330,42 @@ class FilesCache:
             self._flush_locked()
 
     def compact(self, root: bytes) -> None:
-        """After a complete backup of ``root``: keeps entries seen now or outside ``root``."""
+        """After a complete backup of ``root``: keeps entries seen now or outside ``root``.
+
+        The log is rewritten from the loaded records kept and this run's
+        records (its tail, appended after what was loaded), in pieces; the
+        cache takes no more entries afterwards.
+        """
         if self._handle is None:
             return
         prefix = root.rstrip(b"/") + b"/"
         with self._lock:
             self._flush_locked()
             index = self._index
+            self.leave_to_workers()  # the blob is not needed: the records are read anew
             tmp = self.path + ".tmp"
             try:
-                with open(tmp, "wb") as handle:
-                    for offset, path in index.kept(prefix):
-                        if path not in self._added:  # superseded by this run's entry
-                            handle.write(index.record_bytes(offset))
-                    handle.write(b"".join(self._added.values()))
+                with open(tmp, "wb") as out, open(self.path, "rb", COMPACT_BUFFER) as log:
+                    pieces: list[bytes] = []
+                    size = 0
+                    for record in index.kept(log, prefix):
+                        pieces.append(record)
+                        size += len(record)
+                        if size >= FLUSH_BYTES:
+                            out.write(b"".join(pieces))
+                            pieces, size = [], 0
+                    out.write(b"".join(pieces))
+                    log.seek(index.intact)
+                    shutil.copyfileobj(log, out, FLUSH_BYTES)
                 os.replace(tmp, self.path)
             except OSError:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp)
                 return
-            self._handle.close()
-            self._handle = open(self.path, "ab")  # noqa: SIM115 - closed in close()
-            with open(self.path, "rb") as handle:
-                self._index = _LogIndex(handle.read())
-            self._added = {}
+            finally:
+                self._handle.close()
+                self._handle = None
+                self._index = _LogIndex(b"")
 
     def close(self) -> None:
         with self._lock:

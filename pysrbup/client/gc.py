@@ -88,7 +88,7 @@ def collect_garbage(repo: RemoteRepository) -> GcResult:
         result.live_objects = len(live)
         cache = IdCache(repo.repo_id)
         cache.sync(repo.conn)
-        garbage = sorted(cache.ids - live)
+        garbage = [oid for oid in cache.ids if oid not in live]  # sorted, as the set is
         # One condemn even with no garbage: it sweeps what earlier condemns left pending.
         for start in range(0, max(len(garbage), 1), CONDEMN_BATCH):
             reply = repo.condemn(garbage[start : start + CONDEMN_BATCH], snapshot_ids)

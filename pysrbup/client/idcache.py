@@ -2,9 +2,9 @@
 
 Before a backup the client asks only for ids logged after the last sequence
 number it saw, appends them to ``ids`` in the repository's cache folder and
-keeps them in memory. A chunk whose id is in the set is not uploaded. (Deciding
-that needs no request; the existence check before a commit, in backup.py,
-does name the reused ids to the server.)
+keeps them in memory (an ``IdSet``, 40 bytes an id). A chunk whose id is in
+the set is not uploaded. (Deciding that needs no request; the existence check
+before a commit, in backup.py, names a sample of the reused ids to the server.)
 
 Files: ``ids`` (concatenated 32-byte ids) and ``ids.state`` (JSON: epoch,
 last seq, count). A crash between the two leaves extra bytes in ``ids``,
@@ -20,21 +20,24 @@ import os
 
 from pysrbup.client.cache import repo_cache_dir
 from pysrbup.client.connection import Connection
+from pysrbup.client.idset import IdSet
 from pysrbup.repo.wire import ID_SIZE, OP_CONDEMN
 
 
 class IdCache:
-    """Known ids of one repository (in memory, persisted in the cache folder)."""
+    """Known ids of one repository (in memory as an ``IdSet``, persisted in the cache folder)."""
 
     def __init__(self, repo_id: bytes):
         self.folder = repo_cache_dir(repo_id)
         self._ids_path = os.path.join(self.folder, "ids")
         self._state_path = os.path.join(self.folder, "ids.state")
-        self.ids: set[bytes] = set()
+        self.ids = IdSet()
         self.epoch = -1
         self.last_seq = 0
+        self._rows = 0  # 32-byte rows in ``ids`` (repeats included)
 
     def _load(self) -> None:
+        """Reads the state (the set itself is made by ``_read_set``)."""
         try:
             with open(self._state_path, encoding="utf-8") as handle:
                 state = json.load(handle)
@@ -43,18 +46,19 @@ class IdCache:
                 int(state["last_seq"]),
                 int(state["count"]),
             )
-            with open(self._ids_path, "rb") as handle:
-                blob = handle.read(count * ID_SIZE)
-            if len(blob) != count * ID_SIZE:
+            if count < 0 or os.path.getsize(self._ids_path) < count * ID_SIZE:
                 raise ValueError("short ids file")
         except (OSError, ValueError, KeyError, TypeError):
             self._reset()
             return
-        self.epoch, self.last_seq = epoch, last_seq
-        self.ids = {blob[i : i + ID_SIZE] for i in range(0, len(blob), ID_SIZE)}
+        self.epoch, self.last_seq, self._rows = epoch, last_seq, count
+
+    def _read_set(self) -> IdSet:
+        with open(self._ids_path, "rb") as handle:
+            return IdSet(handle.read(self._rows * ID_SIZE))
 
     def _reset(self) -> None:
-        self.ids, self.epoch, self.last_seq = set(), -1, 0
+        self.ids, self.epoch, self.last_seq, self._rows = IdSet(), -1, 0, 0
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._state_path)
         with open(self._ids_path, "wb"):
@@ -63,9 +67,7 @@ class IdCache:
     def _save_state(self) -> None:
         tmp = self._state_path + ".tmp"
         with open(tmp, "w", encoding="utf-8") as handle:
-            json.dump(
-                {"epoch": self.epoch, "last_seq": self.last_seq, "count": len(self.ids)}, handle
-            )
+            json.dump({"epoch": self.epoch, "last_seq": self.last_seq, "count": self._rows}, handle)
         os.replace(tmp, self._state_path)
 
     def sync(self, conn: Connection) -> list[bytes]:
@@ -73,52 +75,60 @@ class IdCache:
 
         Returns the ids condemned (garbage-collected) in the part of the log
         read now, so a running backup can revive the ones it relies on.
+        Added ids are appended to the file as they come (the set is made
+        once, at the end); an id condemned and not added again later in the
+        log is dropped, which rewrites the file.
         """
         info = conn.info()
         epoch = info.id_log_epoch
         condemned: list[bytes] = []
+        gone: set[bytes] = set()  # condemned, and not added again after that
         with open(os.path.join(self.folder, "lock"), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             self._load()
             if self.epoch != epoch:
                 self._reset()
                 self.epoch = epoch
-            rewrite = False
             with open(self._ids_path, "r+b") as handle:
-                handle.truncate(len(self.ids) * ID_SIZE)
+                handle.truncate(self._rows * ID_SIZE)
                 handle.seek(0, os.SEEK_END)
                 for batch in conn.sync_ids(self.last_seq, info.id_log_last_seq):
                     blob, ops = batch.ids, batch.ops
-                    fresh = []
-                    for n in range(len(blob) // ID_SIZE):
-                        oid = blob[n * ID_SIZE : (n + 1) * ID_SIZE]
-                        if n < len(ops) and ops[n] == OP_CONDEMN:
-                            condemned.append(oid)
-                            if oid in self.ids:
-                                self.ids.discard(oid)
-                                rewrite = True
-                        elif oid not in self.ids:
-                            self.ids.add(oid)
-                            fresh.append(oid)
-                    if not rewrite:
-                        handle.write(b"".join(fresh))
+                    fresh = blob
+                    if gone or OP_CONDEMN in ops:
+                        kept = []
+                        for n in range(len(blob) // ID_SIZE):
+                            oid = blob[n * ID_SIZE : (n + 1) * ID_SIZE]
+                            if ops[n] == OP_CONDEMN:
+                                condemned.append(oid)
+                                gone.add(oid)
+                            else:
+                                gone.discard(oid)
+                                kept.append(oid)
+                        fresh = b"".join(kept)
+                    handle.write(fresh)
+                    self._rows += len(fresh) // ID_SIZE
                     self.last_seq = batch.last_seq
-            if rewrite:  # removals are rare (after a delete): write the whole set anew
-                self._rewrite()
+            ids = self._read_set()
+            if gone or len(ids) != self._rows:  # drops, or repeats worth squeezing out
+                ids = ids.without(gone)
+                self._write_all(ids)
+            self.ids = ids
             self._save_state()
         return condemned
 
-    def _rewrite(self) -> None:
+    def _write_all(self, ids: IdSet) -> None:
         tmp = self._ids_path + ".tmp"
         with open(tmp, "wb") as handle:
-            handle.write(b"".join(self.ids))
+            handle.write(ids.tobytes())
         os.replace(tmp, self._ids_path)
+        self._rows = len(ids)
 
     def discard(self, oids: list[bytes]) -> None:
         """Forgets ids the server listed but does not hold, so they are uploaded again."""
         with open(os.path.join(self.folder, "lock"), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             self._load()
-            self.ids.difference_update(oids)
-            self._rewrite()
+            self.ids = self._read_set().without(oids)
+            self._write_all(self.ids)
             self._save_state()

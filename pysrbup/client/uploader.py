@@ -8,8 +8,11 @@ the server acknowledges frames once they are fsynced and indexed, and for each
 acknowledged frame the uploader calls ``on_durable`` with its ids, which is
 what lets the files cache record a file only once all its chunks are stored.
 
-At most ``WINDOW_BYTES`` of frames are unacknowledged at a time (producers
-block beyond that), which bounds memory and what a failure can cost. When the
+At most ``WINDOW_BYTES`` of frames, holding at most ``WINDOW_OBJECTS``
+objects, are unacknowledged at a time (producers block beyond that), which
+bounds memory and what a failure can cost; the object bound matters for tiny
+files, whose per-object state (ids, files-cache records waiting for
+durability) outweighs their bytes. When the
 stream breaks (server restart, network cut) the sender reconnects with
 exponential backoff, begins a new session if the server forgot the old one
 (through the ``SessionHolder`` it shares with the commit), and re-sends every
@@ -37,6 +40,9 @@ from pysrbup.repo.wire import UPLOAD_ACK
 FRAME_BYTES = 4 * 1024 * 1024
 #: 24 MiB measured as fast as 32 MiB on loopback, with 8 MiB less peak RSS.
 WINDOW_BYTES = 24 * 1024 * 1024
+#: Objects per frame at most: a frame of tiny objects is cut before 4 MiB.
+FRAME_OBJECTS = 8192
+WINDOW_OBJECTS = 4 * FRAME_OBJECTS
 #: A stream with nothing to send for this long is ended cleanly (see the module docstring).
 IDLE_STREAM_SECONDS = 20.0
 
@@ -82,6 +88,7 @@ class Uploader:
         self._pending: deque[_Frame] = deque()  # built, not handed to a call
         self._inflight: deque[_Frame] = deque()  # handed to the current call, unacknowledged
         self._unacked = 0
+        self._unacked_objects = 0
         self._closing = False
         self._generation = 0
         self._error: BaseException | None = None
@@ -102,7 +109,7 @@ class Uploader:
                 raise self._failure()
             self._batch.append((oid, envelope, framed))
             self._batch_bytes += len(envelope) + framing.RECORD_OVERHEAD
-            if self._batch_bytes < FRAME_BYTES:
+            if self._batch_bytes < FRAME_BYTES and len(self._batch) < FRAME_OBJECTS:
                 return
             batch, self._batch, self._batch_bytes = self._batch, [], 0
         self._enqueue(batch)
@@ -115,12 +122,15 @@ class Uploader:
                 framed()
         del batch
         with self._cv:
-            while self._unacked >= WINDOW_BYTES and self._error is None:
+            while (
+                self._unacked >= WINDOW_BYTES or self._unacked_objects >= WINDOW_OBJECTS
+            ) and self._error is None:
                 self._cv.wait(0.5)
             if self._error is not None:
                 raise self._failure()
             self._pending.append(frame)
             self._unacked += len(frame.data)
+            self._unacked_objects += len(frame.oids)
             self.stats.objects_sent += len(frame.oids)
             self.stats.bytes_sent += frame.payload_bytes
             self._cv.notify_all()
@@ -182,6 +192,7 @@ class Uploader:
         with self._cv:
             frames = [self._inflight.popleft() for _ in range(min(count, len(self._inflight)))]
             self._unacked -= sum(len(f.data) for f in frames)
+            self._unacked_objects -= sum(len(f.oids) for f in frames)
             self._cv.notify_all()
         if self.on_durable is not None:
             for frame in frames:

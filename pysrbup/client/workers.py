@@ -51,7 +51,8 @@ from multiprocessing.connection import Connection
 from pysrbup._native import chunker
 from pysrbup.client.excludes import Excludes
 from pysrbup.client.file_saver import Block, BlockPool, FileSaver, seal
-from pysrbup.client.filescache import FilesCache, record_of
+from pysrbup.client.filescache import FilesCache, cacheable, record_of
+from pysrbup.client.idset import IdSet
 from pysrbup.client.nodes import NodeMaker
 from pysrbup.errors import IntegrityError
 from pysrbup.repo import envelope, tree
@@ -69,14 +70,8 @@ JOBS_AHEAD = 4
 SKIP, NODE, FILE, DIR = 0, 1, 2, 3
 
 
-@dataclass(frozen=True)
-class FileStat:
-    """What the files cache keeps of a stat (picklable, unlike ``os.stat_result``)."""
-
-    st_size: int
-    st_mtime_ns: int
-    st_ctime_ns: int
-    st_ino: int
+def _split(ids: bytes) -> list[bytes]:
+    return [ids[i : i + ID_SIZE] for i in range(0, len(ids), ID_SIZE)]
 
 
 @dataclass
@@ -85,7 +80,7 @@ class WorkerSetup:
 
     sealer: envelope.Sealer
     gear: object
-    known: set[bytes] | frozenset[bytes]
+    known: IdSet
     files: FilesCache | None
     excludes: Excludes
     read_xattrs: bool
@@ -255,19 +250,19 @@ class _Worker:
         node = self.nodes.file(path, name, st)
         path_b = os.fsencode(path)
         files = self.setup.files
-        cached = files.lookup(path_b, st) if files is not None else None
-        if cached is not None:
+        found = files.find_unchanged(path_b, st) if files is not None else None
+        if found is not None:
+            place, cached = found
             ids = cached.chunk_ids
             known = self.setup.known
-            if all(ids[i : i + ID_SIZE] in known for i in range(0, len(ids), ID_SIZE)):
+            if ids in known if len(ids) == ID_SIZE else all(known.contains_many(_split(ids))):
                 node.size = cached.size
                 node.chunk_ids = ids
                 node.chunk_sizes = cached.chunk_sizes
                 self.stats[0] += 1
                 self.stats[1] += cached.size
                 self.stats[3] += 1
-                payload = (node.SerializeToString(deterministic=True), path_b, None, ids, True)
-                return index, FILE, payload
+                return index, FILE, (node.SerializeToString(deterministic=True), ids, place)
         saved = self.saver.save(path, st, self._error)
         if self.pending:  # every chunk of the file is placed before its entry is sent
             pending, self.pending = self.pending, []
@@ -281,13 +276,10 @@ class _Worker:
         self.stats[0] += 1
         self.stats[1] += saved.size
         self.stats[2] += saved.size
-        record = None
-        if saved.steady and saved.size == saved.stat.st_size:
-            s = saved.stat
-            st_kept = FileStat(s.st_size, s.st_mtime_ns, s.st_ctime_ns, s.st_ino)
-            encoded = record_of(path_b, st_kept, ids, node.chunk_sizes)  # made here, not in main
-            record = (path_b, st_kept, now_ns, encoded)
-        return index, FILE, (node.SerializeToString(deterministic=True), path_b, record, ids, False)
+        record = None  # the files-cache record, made here rather than in the main process
+        if saved.steady and saved.size == saved.stat.st_size and cacheable(saved.stat, now_ns):
+            record = record_of(path_b, saved.stat, ids, node.chunk_sizes)
+        return index, FILE, (node.SerializeToString(deterministic=True), ids, record)
 
 
 def _die_with_parent(parent: int) -> None:
@@ -333,6 +325,7 @@ class WorkerPool:
         context = multiprocessing.get_context("fork")
         self.conns: list[Connection] = []
         self.arenas: list[list[memoryview]] = []
+        self.maps: list[list[mmap.mmap]] = []
         self.procs = []
         self.load: list[int] = []
         gc.collect()
@@ -352,6 +345,7 @@ class WorkerPool:
                 theirs.close()
                 self.conns.append(ours)
                 self.arenas.append([memoryview(m) for m in maps])
+                self.maps.append(maps)
                 self.procs.append(proc)
                 self.load.append(0)
         except BaseException:
@@ -399,6 +393,9 @@ def on_framed(pool: WorkerPool, worker: int, arena: int, counts: dict) -> Callab
         counts[key] -= 1
         if counts[key] == 0:
             del counts[key]
+            # This process's view of the pages goes (the worker's stays): read
+            # arenas would otherwise all count in its resident size.
+            pool.maps[worker][arena].madvise(mmap.MADV_DONTNEED)
             pool.send(worker, ("free", arena))
 
     return done

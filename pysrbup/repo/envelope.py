@@ -66,6 +66,39 @@ def object_id(mac_key: bytes, data) -> bytes:
     return blake3.blake3(data, key=mac_key).digest()
 
 
+class _Nonces:
+    """Random AES-GCM nonces, drawn from the kernel 4,096 at a time (one system call
+    instead of one per object; per object it was 4% of a backup of tiny files).
+
+    Each thread takes from a pool of its own. A forked child starts with
+    none: an inherited pool would hand the parent's next nonces to both.
+    """
+
+    BATCH = 4096
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+        os.register_at_fork(after_in_child=self._forget)
+
+    def _forget(self) -> None:
+        self._local = threading.local()
+
+    def take(self) -> bytes:
+        local = self._local
+        at = getattr(local, "at", len(_EMPTY))
+        pool = getattr(local, "pool", _EMPTY)
+        if at >= len(pool):
+            local.pool = pool = os.urandom(NONCE_SIZE * self.BATCH)
+            at = 0
+        local.at = at + NONCE_SIZE
+        return pool[at : at + NONCE_SIZE]
+
+
+_EMPTY = b""
+_NONCES = _Nonces()
+new_nonce = _NONCES.take
+
+
 class Sealer:
     """Compresses and encrypts objects under one session key; safe across threads."""
 
@@ -98,7 +131,7 @@ class Sealer:
             if len(packed) < len(data):
                 payload, flags = packed, FLAG_ZSTD
         out = bytearray(OVERHEAD + len(payload))
-        nonce = os.urandom(NONCE_SIZE)
+        nonce = new_nonce()
         struct.pack_into("BB", out, 0, VERSION, flags)
         out[2 : 2 + KEY_ID_SIZE] = self.key_id
         out[2 + KEY_ID_SIZE : HEADER_SIZE] = nonce
