@@ -133,6 +133,27 @@ def test_id_cache_drops_condemned_ids_until_they_are_stored_again(served):
         assert len(handle.read()) == 23 * 32  # the file holds the set, nothing more
 
 
+def test_id_cache_reports_condemnations_another_process_read_first(served):
+    """The cache folder is shared: a sync reports what was condemned since its own last sync."""
+    sessions = SessionHolder(served.remote.begin_session)
+    up = Uploader(served.remote.conn, sessions)
+    objects = _objects(6, 100)
+    for oid, envelope in objects:
+        up.put(oid, envelope)
+    up.finish()
+    repo_id = served.remote.repo_id
+    backup = IdCache(repo_id)  # a running backup's view
+    backup.sync(served.remote.conn)
+    doomed = sorted(oid for oid, _ in objects[:3])
+    assert served.remote.condemn(doomed, []).condemned == 3  # held: the session is open
+    other = IdCache(repo_id)  # another client of this machine, the same folder
+    assert sorted(other.sync(served.remote.conn)) == doomed
+    assert sorted(backup.sync(served.remote.conn)) == doomed
+    assert backup.ids == other.ids and not any(oid in backup.ids for oid in doomed)
+    assert backup.sync(served.remote.conn) == []
+    served.remote.end_session(sessions.current)
+
+
 def test_id_cache_restarts_when_the_index_epoch_changes(served):
     up = Uploader(served.remote.conn, SessionHolder(served.remote.begin_session))
     for oid, envelope in _objects(5, 100):

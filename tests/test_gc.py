@@ -317,3 +317,89 @@ def test_backup_paused_across_a_delete_revives_what_it_reuses(
     assert "error" not in result, result.get("error")
     client.run("restore", result["id"], str(tmp_path / "out"), key_file, check=True)
     assert snapshot_tree(str(tmp_path / "out" / "new")) == snapshot_tree(str(new))
+
+
+def test_backup_revives_what_a_delete_condemned_after_another_client_synced(
+    tmp_path, client, key_file, server, monkeypatch
+):
+    """The id cache folder is shared: a backup must see condemnations another client read first.
+
+    The delete condemns chunks the paused backup reuses; then another backup on
+    the same machine syncs the shared id cache past those condemnations. The
+    paused backup's commit must still revive them, or its snapshot loses them.
+    """
+    import threading
+
+    from pysrbup.client.backup import Backup
+    from pysrbup.client.connection import Connection
+    from pysrbup.client.repository import RemoteRepository
+
+    monkeypatch.setenv("PYSRBUP_CACHE_DIR", client.env["PYSRBUP_CACHE_DIR"])
+    monkeypatch.setenv("PYSRBUP_CONFIG_DIR", client.env["PYSRBUP_CONFIG_DIR"])
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "a_reused.bin").write_bytes(random_bytes(3 * 1024 * 1024, 41))
+    old_id = client.backup(str(old), key_file)
+    new = tmp_path / "new"
+    new.mkdir()
+    (new / "a_reused.bin").write_bytes((old / "a_reused.bin").read_bytes())
+    (new / "b_fresh.bin").write_bytes(random_bytes(2 * 1024 * 1024, 42))
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "small.txt").write_text("another client of this machine\n")
+
+    progress = _PausingProgress(after=3 * 1024 * 1024 + 1)  # inside b_fresh.bin
+    result = {}
+
+    def run_backup():
+        conn = Connection(server.address)
+        try:
+            repo = RemoteRepository(conn, load_key_file(key_file))
+            result["id"] = Backup(repo, 2, progress=progress).run(str(new)).backup_id
+        except Exception as exc:  # handed to the test thread
+            result["error"] = exc
+        finally:
+            conn.close()
+
+    thread = threading.Thread(target=run_backup)
+    thread.start()
+    try:
+        assert progress.paused.wait(60)
+        report = json.loads(client.run("--json", "delete", old_id, key_file, check=True).stdout)
+        assert report["bytes_pending"] > 2 * 1024 * 1024  # held for the running backup
+        client.backup(str(other), key_file)  # syncs the shared id cache past the condemnations
+    finally:
+        progress.release.set()
+        thread.join(120)
+    assert "error" not in result, result.get("error")
+    client.run("restore", result["id"], str(tmp_path / "out"), key_file, check=True)
+    assert snapshot_tree(str(tmp_path / "out" / "new")) == snapshot_tree(str(new))
+
+
+def test_delete_opens_a_backup_committed_after_it_read_the_session_keys(
+    tmp_path, client, key_file, server, monkeypatch
+):
+    """The delete reads the session keys when it opens the doomed record; a backup
+    committed after that names a key it has not seen, which must not stop the collection."""
+    from pysrbup.client.connection import Connection
+    from pysrbup.client.gc import collect_garbage
+    from pysrbup.client.repository import RemoteRepository
+
+    monkeypatch.setenv("PYSRBUP_CACHE_DIR", client.env["PYSRBUP_CACHE_DIR"])
+    monkeypatch.setenv("PYSRBUP_CONFIG_DIR", client.env["PYSRBUP_CONFIG_DIR"])
+    sources = []
+    for i in range(2):
+        src = tmp_path / f"src{i}"
+        src.mkdir()
+        (src / "f.bin").write_bytes(random_bytes(300_000, 50 + i))
+        sources.append(src)
+    doomed = client.backup(str(sources[0]), key_file)
+    with Connection(server.address) as conn:
+        repo = RemoteRepository(conn, load_key_file(key_file))
+        repo.open_snapshot(repo.find_snapshot(doomed))  # as delete does: the keys are read
+        kept = client.backup(str(sources[1]), key_file)  # under a session key stored now
+        repo.delete_snapshot(doomed)
+        result = collect_garbage(repo)
+    assert result.snapshots == 1 and result.condemned > 0
+    client.run("restore", kept, str(tmp_path / "out"), key_file, check=True)
+    assert snapshot_tree(str(tmp_path / "out" / "src1")) == snapshot_tree(str(sources[1]))

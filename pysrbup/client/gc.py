@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pysrbup.client.idcache import IdCache
 from pysrbup.client.repository import RemoteRepository
 from pysrbup.client.retry import until_settled
-from pysrbup.errors import IntegrityError
+from pysrbup.errors import ConflictError, IntegrityError, NotFoundError
 from pysrbup.proto import repo_pb2
 from pysrbup.repo import tree
 from pysrbup.repo.wire import MAX_IDS_PER_REQUEST
@@ -66,16 +66,28 @@ def walk_trees(
 
 
 def live_set(repo: RemoteRepository) -> tuple[list[str], set[bytes]]:
-    """(the snapshot ids listed, every id those snapshots reference)."""
+    """(the snapshot ids listed, every id those snapshots reference).
+
+    A tree that cannot be read because a concurrent delete removed its
+    backup (and collected its objects) meanwhile is a conflict: the caller
+    starts over with the new list. Anything else unreadable is damage.
+    """
     infos = repo.snapshots()
-    live = {repo.open_snapshot(info).root_tree for info in infos}
+    listed = [info.snapshot_id for info in infos]
+    live: set[bytes] = set()
     why = "not collecting garbage (the live set would be incomplete)"
-    for where, node in walk_trees(repo, list(live), why):
-        if node.subtree:
-            live.add(node.subtree)
-        elif node.chunk_ids:
-            live.update(chunk_id for chunk_id, _, _ in tree.file_chunks(node, where))
-    return [info.snapshot_id for info in infos], live
+    try:
+        live.update(repo.open_snapshot(info).root_tree for info in infos)
+        for where, node in walk_trees(repo, list(live), why):
+            if node.subtree:
+                live.add(node.subtree)
+            elif node.chunk_ids:
+                live.update(chunk_id for chunk_id, _, _ in tree.file_chunks(node, where))
+    except (IntegrityError, NotFoundError):
+        if sorted(info.snapshot_id for info in repo.snapshots()) != sorted(listed):
+            raise ConflictError("the backups changed while their trees were read") from None
+        raise
+    return listed, live
 
 
 def collect_garbage(repo: RemoteRepository) -> GcResult:

@@ -73,14 +73,20 @@ class IdCache:
     def sync(self, conn: Connection) -> list[bytes]:
         """Brings the set up to date with the server's id log, up to where it is now.
 
-        Returns the ids condemned (garbage-collected) in the part of the log
-        read now, so a running backup can revive the ones it relies on.
-        Added ids are appended to the file as they come (the set is made
-        once, at the end); an id condemned and not added again later in the
-        log is dropped, which rewrites the file.
+        Returns the ids condemned (garbage-collected) in the log after this
+        object's previous sync (a new object: after the folder's position),
+        so a running backup can revive the ones it relies on. The folder is
+        shared by every client of the machine: when another one brought it
+        further meanwhile, the log is read again from our own position, or
+        the condemnations in between would go unseen (replaying entries
+        already applied leaves the set as it is). Added ids are appended to
+        the file as they come (the set is made once, at the end); an id
+        condemned and not added again later in the log is dropped, which
+        rewrites the file, as repeats do.
         """
         info = conn.info()
         epoch = info.id_log_epoch
+        own = self.last_seq if self.epoch == epoch else None
         condemned: list[bytes] = []
         gone: set[bytes] = set()  # condemned, and not added again after that
         with open(os.path.join(self.folder, "lock"), "w") as lock:
@@ -89,10 +95,12 @@ class IdCache:
             if self.epoch != epoch:
                 self._reset()
                 self.epoch = epoch
+            start = self.last_seq if own is None else min(own, self.last_seq)
+            until = max(info.id_log_last_seq, self.last_seq)  # never back behind the folder
             with open(self._ids_path, "r+b") as handle:
                 handle.truncate(self._rows * ID_SIZE)
                 handle.seek(0, os.SEEK_END)
-                for batch in conn.sync_ids(self.last_seq, info.id_log_last_seq):
+                for batch in conn.sync_ids(start, until):
                     blob, ops = batch.ids, batch.ops
                     fresh = blob
                     if gone or OP_CONDEMN in ops:

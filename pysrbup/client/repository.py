@@ -198,7 +198,11 @@ class RemoteRepository:
         if self._opener is None:
             key = self._require_master()
             self._opener = envelope.Opener(
-                key.mac_key, key.wrap_key, self.conn.session_keys(), key.seal_private
+                key.mac_key,
+                key.wrap_key,
+                self.conn.session_keys(),
+                key.seal_private,
+                reload=self.conn.session_keys,  # a backup committed since: its key is new
             )
         return self._opener
 
@@ -311,16 +315,22 @@ class RemoteRepository:
         backup_id: str,
         record: bytes,
         used: set[bytes],
+        revive: bool = True,
     ) -> None:
         """Commits a snapshot after reviving anything it uses that a delete condemned.
 
-        The server refuses the commit if anything was condemned after the
-        id-log position we checked, so the check and the commit cannot race.
+        ``cache`` was synced after ``session`` began and before anything in
+        ``used`` was relied on: what is condemned after that sync is revived
+        here (or, with ``revive`` False, fails the commit). The server
+        refuses the commit if anything was condemned after the id-log
+        position we checked, so the check and the commit cannot race.
         """
 
         def attempt() -> None:
             condemned = cache.sync(self.conn)
             relied = [oid for oid in dict.fromkeys(condemned) if oid in used]
+            if relied and not revive:
+                raise ConcurrentDeleteError("a concurrent delete removed the data; run it again")
             if self._revive(session, relied):
                 raise ConcurrentDeleteError(
                     "a concurrent delete removed data this backup relies on; run the backup again"

@@ -12,6 +12,7 @@ from __future__ import annotations
 from pysrbup.client.idcache import IdCache
 from pysrbup.client.repository import RemoteRepository
 from pysrbup.client.selection import Listed
+from pysrbup.errors import ConcurrentDeleteError
 from pysrbup.proto import repo_pb2
 from pysrbup.repo import snapshot
 
@@ -36,9 +37,16 @@ def retag(repo: RemoteRepository, item: Listed, tags: list[str]) -> str:
     record.tags.extend(tags)
     record.original = item.record.original or item.id
     session = repo.begin_session()
+    # The tree is not walked: it is kept whole only if its root is never condemned
+    # from here to the commit (a root condemned means its backup was deleted).
+    cache = IdCache(repo.repo_id)
+    cache.sync(repo.conn)
+    if record.root_tree not in cache.ids:
+        repo.end_session(session)
+        raise ConcurrentDeleteError(f"backup {item.id} was deleted meanwhile")
     sealer = repo.new_session_sealer(session)
     record.session_key_id = sealer.key_id
     backup_id, sealed = snapshot.seal_snapshot(sealer, record)
-    repo.commit_backup(IdCache(repo.repo_id), session, backup_id, sealed, {record.root_tree})
+    repo.commit_backup(cache, session, backup_id, sealed, {record.root_tree}, revive=False)
     repo.delete_snapshot(item.id)
     return backup_id

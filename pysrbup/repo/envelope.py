@@ -175,7 +175,12 @@ class Buffers:
 
 
 class Opener:
-    """Decrypts and verifies envelopes; knows every session key of the repository."""
+    """Decrypts and verifies envelopes; knows every session key of the repository.
+
+    ``reload`` lists the repository's wrapped session keys again: it is asked
+    (once per unknown key id) when an envelope names a key stored after the
+    opener was made, by a backup that committed meanwhile.
+    """
 
     def __init__(
         self,
@@ -183,11 +188,14 @@ class Opener:
         wrap_key: bytes,
         wrapped_keys: Mapping[bytes, bytes],
         seal_private: X25519PrivateKey | None = None,
+        reload: Callable[[], Mapping[bytes, bytes]] | None = None,
     ):
         self.mac_key = mac_key
         self._wrap_key = wrap_key
         self._seal_private = seal_private
         self._wrapped = dict(wrapped_keys)
+        self._reload = reload
+        self._reloaded_for: set[bytes] = set()
         self._aeads: dict[bytes, AESGCM] = {}
         self._lock = threading.Lock()
         self._local = threading.local()
@@ -200,6 +208,11 @@ class Opener:
     def _aead(self, key_id: bytes) -> AESGCM | None:
         with self._lock:
             aead = self._aeads.get(key_id)
+            unknown = aead is None and key_id not in self._wrapped
+            if unknown and self._reload is not None and key_id not in self._reloaded_for:
+                self._reloaded_for.add(key_id)
+                for known, wrapped in self._reload().items():
+                    self._wrapped.setdefault(known, wrapped)
             if aead is None and key_id in self._wrapped:
                 try:
                     key = open_session_key(
