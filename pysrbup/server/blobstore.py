@@ -20,8 +20,9 @@ import errno
 import os
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import urlparse
 
 from pysrbup.errors import RepositoryError, StorageFullError, UsageError
@@ -122,6 +123,14 @@ class BlobStore:
         BlobNotFoundError if there is no such object.
         """
         raise NotImplementedError
+
+    def get_into(self, name: str, take: Callable[[int], Any]) -> bytes | memoryview:
+        """A whole object, read into ``take(size)`` (a writable buffer) where the store can.
+
+        For callers that reuse one large buffer from object to object (parity
+        over packs); this default returns ``get(name)``.
+        """
+        return self.get(name)
 
     def stat(self, name: str) -> int | None:
         """The object's size, or None if it does not exist."""
@@ -263,6 +272,25 @@ class LocalStore(BlobStore):
             raise _os_error(exc, f"read {self.path(name)}") from None
         self.stats.add("get", received=len(data))
         return data
+
+    def get_into(self, name: str, take: Callable[[int], Any]) -> bytes | memoryview:
+        try:
+            fd = self._fd(name)
+            size = os.fstat(fd).st_size
+            view = memoryview(take(size))[:size]
+            got = 0
+            while got < size:
+                n = os.preadv(fd, [view[got:]], got)
+                if not n:
+                    break
+                got += n
+        except BlobNotFoundError:
+            raise
+        except OSError as exc:
+            self._forget(name)
+            raise _os_error(exc, f"read {self.path(name)}") from None
+        self.stats.add("get", received=got)
+        return view[:got]
 
     def stat(self, name: str) -> int | None:
         self.stats.add("stat")

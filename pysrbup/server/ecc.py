@@ -156,11 +156,40 @@ def _parse_meta(raw: bytes) -> Sidecar | None:
     return Sidecar(k, m, block, size, row_len, sums.astype(np.uint64), meta_len)
 
 
-def _matrix(data: bytes | memoryview, k: int, row_len: int) -> np.ndarray:
+class Workspace:
+    """Buffers :func:`encode` reuses from one pack to the next (one user at a time).
+
+    A pack is a little over 32 MiB, so its matrix would be a fresh mapping
+    each time, faulted in page by page; reused, it costs a copy only.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, np.ndarray] = {}
+
+    def take(self, name: str, size: int) -> np.ndarray:
+        """A uint8 array of ``size`` bytes (contents undefined), grown when too small."""
+        buf = self._buffers.get(name)
+        if buf is None or buf.size < size:
+            buf = self._buffers[name] = np.empty(size, dtype=np.uint8)
+        return buf[:size]
+
+    def clear(self) -> None:
+        """Frees the buffers (they come back, at their first use, as fresh pages)."""
+        self._buffers.clear()
+
+
+def _matrix(
+    data: bytes | memoryview, k: int, row_len: int, workspace: Workspace | None = None
+) -> np.ndarray:
     """``data`` as a (k, row_len) zero-padded matrix."""
-    matrix = np.zeros(k * row_len, dtype=np.uint8)
+    if workspace is None:
+        matrix = np.zeros(k * row_len, dtype=np.uint8)
+    else:
+        matrix = workspace.take("data", k * row_len)
     got = min(len(data), k * row_len)
     matrix[:got] = np.frombuffer(data, dtype=np.uint8, count=got)
+    if workspace is not None:
+        matrix[got:] = 0
     return matrix.reshape(k, row_len)
 
 
@@ -177,11 +206,13 @@ def encode(
     level: EccLevel,
     block: int = BLOCK_SIZE,
     verify: Callable[[memoryview], str] | None = None,
+    workspace: Workspace | None = None,
 ) -> tuple[bytes, str]:
     """The sidecar of a sealed pack's bytes, or (b"", why not) when ``verify`` refuses them.
 
     A codec over bytes: where the pack and its sidecar are kept is the
     caller's business (pysrbup/server/parity.py keeps them in a blob store).
+    With a ``workspace`` the stripe and parity live in its reused buffers.
     """
     if verify is not None:
         problem = verify(memoryview(pack))
@@ -189,8 +220,11 @@ def encode(
             return b"", problem
     size = len(pack)
     row_len = _row_len(size, level.k, block)
-    data = _matrix(pack, level.k, row_len)
-    parity = rs.encode(data, level.m)
+    data = _matrix(pack, level.k, row_len, workspace)
+    out = None
+    if workspace is not None:
+        out = workspace.take("parity", level.m * row_len).reshape(level.m, row_len)
+    parity = rs.encode(data, level.m, out=out)
     sums = np.vstack([_block_sums(data, block), _block_sums(parity, block)])
     meta = _meta(level, block, size, row_len, sums)
     return b"".join([meta, memoryview(parity).cast("B"), meta, TAIL.pack(len(meta))]), ""

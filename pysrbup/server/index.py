@@ -47,6 +47,9 @@ CREATE TABLE IF NOT EXISTS meta (
 );
 """
 
+#: Ids per ``IN (...)`` query (SQLite allows 32,766 parameters since 3.32; older, 999).
+LOOKUP_BATCH = 999 if sqlite3.sqlite_version_info < (3, 32) else 4096
+
 _DAMAGED = "the index {path} is damaged ({why}); run pysrbup-server --rebuild-index"
 
 
@@ -177,6 +180,21 @@ class Index:
         entries = list(entries)
 
         def work(db):
+            # Usually every id is new (an upload checked them): two executemany calls.
+            # Should any be known, the batch is undone and redone row by row.
+            db.execute("SAVEPOINT add_objects")
+            cur = db.executemany(
+                "INSERT OR IGNORE INTO objects(id, pack, offset, length) VALUES (?,?,?,?)",
+                [(e.oid, pack, e.offset, e.length) for e in entries],
+            )
+            if cur.rowcount == len(entries):
+                db.executemany(
+                    "INSERT INTO idlog(id, op) VALUES (?, ?)", [(e.oid, OP_ADD) for e in entries]
+                )
+                db.execute("RELEASE add_objects")
+                return len(entries)
+            db.execute("ROLLBACK TO add_objects")
+            db.execute("RELEASE add_objects")
             added = 0
             for e in entries:
                 cur = db.execute(
@@ -200,17 +218,39 @@ class Index:
                 self.revive([oid])
             return True
 
+    def present_reviving_many(self, oids: list[bytes]) -> set[bytes]:
+        """Which of ``oids`` are stored (one query per ``LOOKUP_BATCH``); condemned ones revived.
+
+        The batched :meth:`present_reviving`, for the ids of one upload frame.
+        """
+        present: set[bytes] = set()
+        condemned: list[bytes] = []
+        with self._lock:
+            for start in range(0, len(oids), LOOKUP_BATCH):
+                part = oids[start : start + LOOKUP_BATCH]
+                marks = ",".join("?" * len(part))
+                for oid, dead in self._db.execute(
+                    f"SELECT id, condemned FROM objects WHERE id IN ({marks})", part
+                ):
+                    present.add(oid)
+                    if dead:
+                        condemned.append(oid)
+            if condemned:
+                self.revive(condemned)
+        return present
+
     def lookup_many(self, oids: list[bytes]) -> dict[bytes, tuple[int, int, int]]:
         """Maps each known id to (pack, offset, length)."""
         found: dict[bytes, tuple[int, int, int]] = {}
         with self._lock:
-            for start in range(0, len(oids), 500):
-                part = oids[start : start + 500]
+            for start in range(0, len(oids), LOOKUP_BATCH):
+                part = oids[start : start + LOOKUP_BATCH]
                 marks = ",".join("?" * len(part))
-                for oid, pack, offset, length in self._db.execute(
+                # The columns are typed (BLOB id, INTEGER rest): rows need no conversion.
+                for row in self._db.execute(
                     f"SELECT id, pack, offset, length FROM objects WHERE id IN ({marks})", part
                 ):
-                    found[bytes(oid)] = (int(pack), int(offset), int(length))
+                    found[row[0]] = row[1:]
         return found
 
     def log_after(self, seq: int, limit: int, until: int) -> list[tuple[int, bytes, int]]:

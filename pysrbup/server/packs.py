@@ -23,6 +23,7 @@ import os
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import xxhash
 
@@ -40,6 +41,9 @@ TRAILER = struct.Struct("<QIQ8s")
 TARGET_PACK_SIZE = 32 * 1024 * 1024
 #: No single object may be larger (trees of huge directories are the largest).
 MAX_OBJECT_SIZE = 64 * 1024 * 1024
+#: ``PackWriter.append_many`` writes this many records per ``writev`` (two buffers each,
+#: within Linux's IOV_MAX of 1024).
+WRITEV_RECORDS = 256
 
 
 @dataclass(frozen=True)
@@ -106,6 +110,32 @@ class PackWriter:
         self.size += RECORD.size + length
         self.entries.append(entry)
         return entry
+
+    def append_many(self, records: list[tuple[bytes, Any]]) -> None:
+        """Writes records (id, payload) with one ``writev`` per ``WRITEV_RECORDS``.
+
+        The same bytes as ``append`` for each in turn, without a system call
+        per record; durable only after ``sync``.
+        """
+        size = self.size
+        for start in range(0, len(records), WRITEV_RECORDS):
+            parts: list[Any] = []
+            expected = 0
+            for oid, payload in records[start : start + WRITEV_RECORDS]:
+                length = len(payload)
+                parts += (RECORD.pack(oid, length, checksum(payload)), payload)
+                self.entries.append(Entry(oid, size + RECORD.size, length))
+                size += RECORD.size + length
+                expected += RECORD.size + length
+            try:
+                written = os.writev(self._fd, parts)
+            except OSError as exc:
+                self.rollback()
+                raise _storage_error(exc, "writing a pack") from None
+            if written != expected:
+                self.rollback()
+                raise StorageFullError("server disk is full while writing a pack (short write)")
+            self.size = size
 
     def sync(self) -> list[Entry]:
         """Makes every appended record durable; returns the records made durable now."""

@@ -22,6 +22,8 @@ from pysrbup.server.blobstore import BlobNotFoundError, BlobStore
 from pysrbup.server.index import Index
 
 log = logging.getLogger("pysrbup.server")
+#: The parity worker frees its reused buffers (about twice a pack) after this long idle.
+WORKSPACE_IDLE_SECONDS = 5.0
 
 
 @dataclass
@@ -59,6 +61,8 @@ class Parity:
         self._alive = alive
         self._queue: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
+        self._workspace = ecc.Workspace()
+        self._workspace_lock = threading.Lock()
 
     def protect(self, name: str, data: bytes | None = None) -> bool:
         """Writes the sidecar of a sealed pack if every record verifies; True once stored.
@@ -68,9 +72,13 @@ class Parity:
         """
         if self.level is None:
             return False
-        if data is None:
-            data = self.store.get(name)
-        sidecar, problem = ecc.encode(data, self.level, verify=packs.damaged_in)
+        with self._workspace_lock:  # one pack at a time in the reused buffers
+            if data is None:
+                data = self._read(name)
+            sidecar, problem = ecc.encode(
+                data, self.level, verify=packs.damaged_in, workspace=self._workspace
+            )
+            del data  # (a view of the workspace)
         if problem:
             log.error(
                 "detected data corruption in %s (%s); not writing parity over it", name, problem
@@ -78,6 +86,10 @@ class Parity:
             return False
         self.store.put(blobstore.parity_name(name), sidecar)
         return True
+
+    def _read(self, name: str) -> bytes | memoryview:
+        """A pack's bytes, read into the reused buffer where the store can."""
+        return self.store.get_into(name, lambda size: self._workspace.take("pack", size))
 
     def queue(self, name: str, data: bytes | None = None) -> None:
         """Protects a pack in the background (off the upload's critical path)."""
@@ -90,7 +102,12 @@ class Parity:
 
     def _worker(self) -> None:
         while True:
-            job = self._queue.get()
+            try:
+                job = self._queue.get(timeout=WORKSPACE_IDLE_SECONDS)
+            except queue.Empty:  # a backup's packs shared the buffers; idle, none are kept
+                with self._workspace_lock:
+                    self._workspace.clear()
+                job = self._queue.get()
             if job is None:
                 return
             if isinstance(job, _Marker):

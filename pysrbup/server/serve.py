@@ -14,6 +14,11 @@ from pysrbup.server.servicer import BackupServicer
 from pysrbup.server.storage import Repository
 from pysrbup.server.tls import ServerCertificate
 
+#: Free heap memory each malloc arena keeps. The default (8 MiB) is below a fetch frame
+#: (``servicer.FETCH_FRAME_BYTES`` and a chunk): a freed frame at the top of the heap was
+#: given back and the next one faulted in afresh, page by page.
+TRIM_THRESHOLD = 32 * 1024 * 1024
+
 GRPC_OPTIONS = [
     ("grpc.max_send_message_length", wire.MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", wire.MAX_MESSAGE_BYTES),
@@ -46,7 +51,9 @@ def serve(
         from pysrbup.server.tls import load_or_create
 
         certificate = load_or_create(repo.root)
-    tune_malloc()  # keeps freed multi-MiB buffers in the heap (see pysrbup/memtune.py)
+    # Keeps freed multi-MiB buffers in the heap (see pysrbup/memtune.py), with room for
+    # a fetch frame and the pack spans it is copied from (TRIM_THRESHOLD).
+    tune_malloc(trim_threshold=TRIM_THRESHOLD)
     server = grpc.server(
         # Streams hold a worker each for as long as they are open: enough workers
         # that a few slow or idle clients cannot starve everyone else.

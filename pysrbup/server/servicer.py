@@ -292,9 +292,10 @@ class BackupServicer(service_pb2_grpc.BackupServicer):
         each reply one frame whose records carry a ``wire.FETCH_*`` status."""
         batch: list = []
         size = 0
+        overhead = framing.RECORD_OVERHEAD
         for record in self.repo.fetch(split_ids(request)):
             batch.append(record)
-            size += len(record[2]) + framing.RECORD_OVERHEAD
+            size += len(record[2]) + overhead
             if size >= FETCH_FRAME_BYTES:
                 frame = framing.pack_records(batch)
                 self.repo.counters.add(fetch_bytes=len(frame))

@@ -192,26 +192,45 @@ class Sessions:
     def append(
         self, session: Session, stream: int, records: Iterable[tuple[bytes, int, memoryview]]
     ) -> UploadCounts:
-        """Appends records (id, flags, envelope) to the session's pack; durable after ``sync``."""
+        """Appends records (id, flags, envelope) to the session's pack; durable after ``sync``.
+
+        Per frame, not per record: one index query tells which ids are already
+        stored, and the new records go to the pack with a few ``writev`` calls.
+        """
         counts = UploadCounts()
         with session.lock:
             self._writer_of(session, stream)
-            for oid, _flags, payload in records:
-                oid = bytes(oid)
-                if len(payload) > packs.MAX_OBJECT_SIZE:
-                    raise UsageError("object too large")
-                if oid in session.writer_ids or self.index.present_reviving(oid):
+            batch = [(bytes(oid), payload) for oid, _flags, payload in records]
+            if any(len(payload) > packs.MAX_OBJECT_SIZE for _, payload in batch):
+                raise UsageError("object too large")
+            fresh = [oid for oid, _ in batch if oid not in session.writer_ids]
+            stored = self.index.present_reviving_many(fresh) if fresh else set()
+            taken: set[bytes] = set()  # this frame's, as writer_ids forgets them at a seal
+            pending: list[tuple[bytes, memoryview]] = []
+            size = session.writer.size if session.writer is not None else packs.HEADER.size
+            for oid, payload in batch:
+                if oid in session.writer_ids or oid in stored or oid in taken:
                     counts.dropped += 1
                     continue
-                if session.writer is None:
-                    session.pack, session.writer = self.pack_store.create()
-                session.writer.append(oid, payload)
                 session.writer_ids.add(oid)
+                taken.add(oid)
+                pending.append((oid, payload))
                 counts.stored += 1
                 counts.bytes_stored += len(payload)
-                if session.writer.size >= packs.TARGET_PACK_SIZE:
+                size += packs.RECORD.size + len(payload)
+                if size >= packs.TARGET_PACK_SIZE:  # this record fills the pack: seal it
+                    self._write(session, pending)
                     self.seal(session)
+                    pending = []
+                    size = packs.HEADER.size
+            if pending:
+                self._write(session, pending)
         return counts
+
+    def _write(self, session: Session, pending: list[tuple[bytes, memoryview]]) -> None:
+        if session.writer is None:
+            session.pack, session.writer = self.pack_store.create()
+        session.writer.append_many(pending)
 
     def sync(self, session: Session, stream: int) -> None:
         """Makes everything the stream appended durable and visible in the index."""

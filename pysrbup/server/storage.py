@@ -32,6 +32,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, fields
+from operator import itemgetter
 
 from pysrbup.errors import (
     ConflictError,
@@ -652,22 +653,31 @@ class Repository:
         for oid in oids:
             if oid not in found:
                 yield oid, wire.FETCH_MISSING, b""
-        order = sorted(found.items(), key=lambda item: item[1])
+        order = sorted(found.items(), key=itemgetter(1))
         repaired: dict[int, bool] = {}
+        head = packs.RECORD.size
+        unpack = packs.RECORD.unpack_from
+        checksum = packs.checksum
         for run in _runs(order):
             pack = run[0][1][0]
-            start = run[0][1][1] - packs.RECORD.size
+            start = run[0][1][1] - head
             end = run[-1][1][1] + run[-1][1][2]
             try:
                 span = memoryview(self.packs.read(pack, start, end - start))
             except (OSError, RepositoryError):
                 span = memoryview(b"")
+            got = len(span)
             for oid, where in run:
+                # packs.check_record, inlined: this loop runs once per object served.
                 _, offset, length = where
-                lo = offset - packs.RECORD.size - start
-                payload = packs.check_record(
-                    span[lo : lo + packs.RECORD.size + length], length, oid
-                )
+                lo = offset - start
+                payload = None
+                if lo + length <= got:
+                    stored_oid, stored_len, digest = unpack(span, lo - head)
+                    if stored_oid == oid and stored_len == length:
+                        payload = span[lo : lo + length]
+                        if checksum(payload) != digest:
+                            payload = None
                 if payload is None:
                     payload = self._read_again(oid, where, repaired)
                 if payload is None:
@@ -700,16 +710,20 @@ class Repository:
 
 def _runs(order: list[tuple[bytes, tuple[int, int, int]]]):
     """Groups (id, (pack, offset, length)) sorted by place into runs read at once."""
+    head = packs.RECORD.size
     run: list = []
+    first_pack = first_start = last_end = 0
     for item in order:
         pack, offset, length = item[1]
         if run:
-            first, last = run[0][1], run[-1][1]
-            gap = offset - packs.RECORD.size - (last[1] + last[2])
-            span = offset + length - (first[1] - packs.RECORD.size)
-            if pack != first[0] or gap < 0 or gap > READ_GAP or span > READ_SPAN:
+            gap = offset - head - last_end
+            span = offset + length - first_start
+            if pack != first_pack or gap < 0 or gap > READ_GAP or span > READ_SPAN:
                 yield run
                 run = []
+        if not run:
+            first_pack, first_start = pack, offset - head
         run.append(item)
+        last_end = offset + length
     if run:
         yield run
