@@ -6,10 +6,10 @@ import json
 import os
 import re
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 from pysrbup.client.cache import repo_cache_dir
 from pysrbup.client.connection import Connection
-from pysrbup.client.idcache import IdCache
 from pysrbup.client.retry import until_settled
 from pysrbup.client.session import WriteSession
 from pysrbup.crypto.keys import Key, MasterKey
@@ -25,6 +25,9 @@ from pysrbup.errors import (
 )
 from pysrbup.proto import repo_pb2, service_pb2
 from pysrbup.repo import auth, envelope, snapshot, wire
+
+if TYPE_CHECKING:  # the id cache pulls in numpy, which a restore does not need
+    from pysrbup.client.idcache import IdCache
 
 #: Ids per fetch request (the server accepts up to wire.MAX_IDS_PER_REQUEST).
 FETCH_IDS = 1024
