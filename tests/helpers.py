@@ -181,3 +181,18 @@ def server_cli(*args: str, env: dict, timeout: float = 300) -> subprocess.Comple
         text=True,
         timeout=timeout,
     )
+
+
+def initialise_repository(repo, key) -> None:
+    """Initialises a server-side ``Repository`` for ``key``, as ``init`` does over the wire."""
+    from pysrbup.repo import auth
+
+    token = repo.init_token().encode()
+    message = auth.init_message(repo.repo_id, token, key.write_public_key, key.destroy_public_key)
+    repo.initialise(
+        token,
+        key.write_public_key,
+        key.destroy_public_key,
+        key.write_key.sign(message),
+        key.destroy_key.sign(message),
+    )

@@ -273,15 +273,35 @@ class _PausingProgress:
         pass
 
 
-def test_backup_paused_across_a_delete_revives_what_it_reuses(
-    tmp_path, client, key_file, server, monkeypatch
-):
-    """A delete condemns chunks a running backup deduplicated against; the backup must keep them."""
+def _backup_in_thread(server, key_file, progress, source):
+    """Starts an in-process backup of ``source`` (paused by ``progress``); (thread, result)."""
     import threading
 
     from pysrbup.client.backup import Backup
     from pysrbup.client.connection import Connection
     from pysrbup.client.repository import RemoteRepository
+
+    result: dict = {}
+
+    def run_backup():
+        conn = Connection(server.address)
+        try:
+            repo = RemoteRepository(conn, load_key_file(key_file))
+            result["id"] = Backup(repo, 2, progress=progress).run(str(source)).backup_id
+        except Exception as exc:  # handed to the test thread
+            result["error"] = exc
+        finally:
+            conn.close()
+
+    thread = threading.Thread(target=run_backup)
+    thread.start()
+    return thread, result
+
+
+def test_backup_paused_across_a_delete_revives_what_it_reuses(
+    tmp_path, client, key_file, server, monkeypatch
+):
+    """A delete condemns chunks a running backup deduplicated against; the backup must keep them."""
 
     monkeypatch.setenv("PYSRBUP_CACHE_DIR", client.env["PYSRBUP_CACHE_DIR"])
     monkeypatch.setenv("PYSRBUP_CONFIG_DIR", client.env["PYSRBUP_CONFIG_DIR"])  # known_servers
@@ -295,20 +315,7 @@ def test_backup_paused_across_a_delete_revives_what_it_reuses(
     (new / "b_fresh.bin").write_bytes(random_bytes(2 * 1024 * 1024, 32))
 
     progress = _PausingProgress(after=3 * 1024 * 1024 + 1)  # inside b_fresh.bin
-    result = {}
-
-    def run_backup():
-        conn = Connection(server.address)
-        try:
-            repo = RemoteRepository(conn, load_key_file(key_file))
-            result["id"] = Backup(repo, 2, progress=progress).run(str(new)).backup_id
-        except Exception as exc:  # handed to the test thread
-            result["error"] = exc
-        finally:
-            conn.close()
-
-    thread = threading.Thread(target=run_backup)
-    thread.start()
+    thread, result = _backup_in_thread(server, key_file, progress, new)
     assert progress.paused.wait(60)
     report = json.loads(client.run("--json", "delete", old_id, key_file, check=True).stdout)
     assert report["bytes_pending"] > 2 * 1024 * 1024  # condemned, held for the running backup
@@ -328,11 +335,6 @@ def test_backup_revives_what_a_delete_condemned_after_another_client_synced(
     the same machine syncs the shared id cache past those condemnations. The
     paused backup's commit must still revive them, or its snapshot loses them.
     """
-    import threading
-
-    from pysrbup.client.backup import Backup
-    from pysrbup.client.connection import Connection
-    from pysrbup.client.repository import RemoteRepository
 
     monkeypatch.setenv("PYSRBUP_CACHE_DIR", client.env["PYSRBUP_CACHE_DIR"])
     monkeypatch.setenv("PYSRBUP_CONFIG_DIR", client.env["PYSRBUP_CONFIG_DIR"])
@@ -349,20 +351,7 @@ def test_backup_revives_what_a_delete_condemned_after_another_client_synced(
     (other / "small.txt").write_text("another client of this machine\n")
 
     progress = _PausingProgress(after=3 * 1024 * 1024 + 1)  # inside b_fresh.bin
-    result = {}
-
-    def run_backup():
-        conn = Connection(server.address)
-        try:
-            repo = RemoteRepository(conn, load_key_file(key_file))
-            result["id"] = Backup(repo, 2, progress=progress).run(str(new)).backup_id
-        except Exception as exc:  # handed to the test thread
-            result["error"] = exc
-        finally:
-            conn.close()
-
-    thread = threading.Thread(target=run_backup)
-    thread.start()
+    thread, result = _backup_in_thread(server, key_file, progress, new)
     try:
         assert progress.paused.wait(60)
         report = json.loads(client.run("--json", "delete", old_id, key_file, check=True).stdout)

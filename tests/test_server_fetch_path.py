@@ -15,11 +15,12 @@ from types import SimpleNamespace
 import grpc
 import numpy as np
 import pytest
+from helpers import initialise_repository
 from peer import Peer
 
 from pysrbup._native import framing
 from pysrbup.crypto.keys import MasterKey
-from pysrbup.repo import auth, wire
+from pysrbup.repo import wire
 from pysrbup.server import blobstore, ecc, packs, servicer
 from pysrbup.server.blobstore import LocalStore
 from pysrbup.server.index import Index
@@ -33,15 +34,7 @@ FRAME_BYTES = 64 * 1024
 
 
 def _initialise(repo: Repository) -> None:
-    token = repo.init_token().encode()
-    message = auth.init_message(repo.repo_id, token, KEY.write_public_key, KEY.destroy_public_key)
-    repo.initialise(
-        token,
-        KEY.write_public_key,
-        KEY.destroy_public_key,
-        KEY.write_key.sign(message),
-        KEY.destroy_key.sign(message),
-    )
+    initialise_repository(repo, KEY)
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
+from helpers import initialise_repository
 
 from pysrbup.client.session import WriteSession
 from pysrbup.crypto.keys import MasterKey
@@ -19,17 +20,7 @@ KEY = MasterKey(bytes(range(32)))
 def _begin(repo: Repository) -> tuple[Session, int]:
     """A signed session (initialising the repository for KEY first) and its upload stream."""
     if not repo.initialised:
-        token = repo.init_token().encode()
-        message = auth.init_message(
-            repo.repo_id, token, KEY.write_public_key, KEY.destroy_public_key
-        )
-        repo.initialise(
-            token,
-            KEY.write_public_key,
-            KEY.destroy_public_key,
-            KEY.write_key.sign(message),
-            KEY.destroy_key.sign(message),
-        )
+        initialise_repository(repo, KEY)
     private, public = WriteSession.new_key()
     challenge = repo.new_challenge()
     signature = KEY.write_key.sign(auth.begin_message(repo.repo_id, challenge, public))
