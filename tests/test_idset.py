@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from pysrbup.client.idset import IdSet
+from pysrbup.client.idset import IdList, IdSet
 
 
 def _ids(count: int, rng: random.Random, prefix: bytes = b"") -> list[bytes]:
@@ -62,3 +62,19 @@ def test_membership_is_exact_for_real_ids():
     ids = IdSet(b"".join(members))
     assert all(m in ids for m in members[::97])
     assert not any(os.urandom(32) in ids for _ in range(2000))
+
+
+def test_an_id_list_samples_distinct_ids_and_answers_membership():
+    rng = random.Random(11)
+    members = _ids(2000, rng)
+    blob = bytearray(b"".join(members + members[:500]))  # repeats, as a backup gathers them
+    ids = IdList(blob)
+    skipped = set(members[:1000])
+    picked = ids.sample(300, unless=skipped.__contains__)
+    assert len(picked) == len(set(picked)) == 300 and not set(picked) & skipped
+    assert set(ids.sample(10**6)) == set(members)  # each once, though repeated
+    strangers = _ids(200, rng)
+    assert all(m in ids for m in members[::7]) and not any(s in ids for s in strangers)
+    assert set(ids.sample(10**6)) == set(members)  # still right once sorted for ``in``
+    with pytest.raises(ValueError):
+        IdList(bytearray(31))

@@ -53,7 +53,7 @@ from pysrbup.client.excludes import Excludes
 from pysrbup.client.file_saver import Block, BlockPool, FileSaver, seal
 from pysrbup.client.filescache import FilesCache
 from pysrbup.client.idcache import IdCache
-from pysrbup.client.idset import IdSet
+from pysrbup.client.idset import IdList, IdSet
 from pysrbup.client.nodes import NodeMaker
 from pysrbup.client.progress import Progress
 from pysrbup.client.repository import RemoteRepository
@@ -162,8 +162,8 @@ class Backup:
         self._claimed: set[bytes] = set()
         # Every id this backup references (uploaded or deduplicated): before the
         # commit, any of them condemned by a concurrent delete is revived. Kept as
-        # concatenated ids while the backup runs, made into one IdSet at the end.
-        self._used = IdSet()
+        # concatenated ids, an IdList at the end (sorted only if a condemnation asks).
+        self._used = IdList(bytearray())
         self._used_ids = bytearray()  # 32 bytes an id, repeats included
         # Claimed by this session, not yet acknowledged durable -> entries waiting on it.
         # (None until an entry waits: most objects never get a list.)
@@ -578,9 +578,7 @@ class Backup:
                 session_key_id=self._sealer.key_id,
             )
             backup_id, sealed = snapshot.seal_snapshot(self._sealer, record)
-            used, self._used_ids = self._used_ids, bytearray()
-            self._used = IdSet(used)  # sorts ``used`` in place
-            del used
+            self._used, self._used_ids = IdList(self._used_ids), bytearray()
             self._confirm_deduplicated(cache)
             self._commit(cache, backup_id, sealed)
             self._files.compact(source_b)

@@ -70,7 +70,7 @@ class IdCache:
             json.dump({"epoch": self.epoch, "last_seq": self.last_seq, "count": self._rows}, handle)
         os.replace(tmp, self._state_path)
 
-    def sync(self, conn: Connection) -> list[bytes]:
+    def sync(self, conn: Connection, make_set: bool = True) -> list[bytes]:
         """Brings the set up to date with the server's id log, up to where it is now.
 
         Returns the ids condemned (garbage-collected) in the log after this
@@ -82,7 +82,9 @@ class IdCache:
         already applied leaves the set as it is). Added ids are appended to
         the file as they come (the set is made once, at the end); an id
         condemned and not added again later in the log is dropped, which
-        rewrites the file, as repeats do.
+        rewrites the file, as repeats do. With ``make_set`` False (a commit,
+        which wants only the condemnations) the set is not made again unless
+        ids were dropped, and ``ids`` is left as it was.
         """
         info = conn.info()
         epoch = info.id_log_epoch
@@ -117,11 +119,12 @@ class IdCache:
                     handle.write(fresh)
                     self._rows += len(fresh) // ID_SIZE
                     self.last_seq = batch.last_seq
-            ids = self._read_set()
-            if gone or len(ids) != self._rows:  # drops, or repeats worth squeezing out
-                ids = ids.without(gone)
-                self._write_all(ids)
-            self.ids = ids
+            if make_set or gone:
+                ids = self._read_set()
+                if gone or len(ids) != self._rows:  # drops, or repeats worth squeezing out
+                    ids = ids.without(gone)
+                    self._write_all(ids)
+                self.ids = ids
             self._save_state()
         return condemned
 

@@ -125,3 +125,36 @@ class IdSet:
                     if len(chosen) == count:
                         return chosen
         return chosen
+
+
+class IdList:
+    """Concatenated ids, repeats allowed, asked ``in`` rarely: the sorted set is made on
+    the first ``in`` only (a backup's used ids, checked against condemnations, which are
+    usually none), so most backups never pay for it."""
+
+    __slots__ = ("_blob", "_set")
+
+    def __init__(self, blob: bytearray):
+        if len(blob) % ID_SIZE:
+            raise ValueError(f"an id list must be a multiple of {ID_SIZE} bytes long")
+        self._blob = blob
+        self._set: IdSet | None = None
+
+    def __contains__(self, oid) -> bool:
+        if self._set is None:
+            self._set = IdSet(self._blob)  # sorts the blob in place: the rows stay valid
+        return oid in self._set
+
+    def sample(self, count: int, unless: Callable[[bytes], bool] = lambda _: False) -> list[bytes]:
+        """Up to ``count`` distinct ids chosen at random, skipping those ``unless`` is true of."""
+        blob = self._blob
+        chosen: dict[bytes, None] = {}
+        order = np.random.default_rng(random.getrandbits(64)).permutation(len(blob) // ID_SIZE)
+        for start in range(0, len(order), 65536):
+            for at in order[start : start + 65536].tolist():
+                oid = bytes(blob[at * ID_SIZE : (at + 1) * ID_SIZE])
+                if oid not in chosen and not unless(oid):
+                    chosen[oid] = None
+                    if len(chosen) == count:
+                        return list(chosen)
+        return list(chosen)

@@ -330,7 +330,7 @@ class RemoteRepository:
         """
 
         def attempt() -> None:
-            condemned = cache.sync(self.conn)
+            condemned = cache.sync(self.conn, make_set=False)  # the condemnations only
             relied = [oid for oid in dict.fromkeys(condemned) if oid in used]
             if relied and not revive:
                 raise ConcurrentDeleteError("a concurrent delete removed the data; run it again")
