@@ -63,7 +63,7 @@ from pysrbup.client.uploader import Uploader
 from pysrbup.errors import IntegrityError, NotFoundError, UsageError
 from pysrbup.proto import repo_pb2
 from pysrbup.repo import envelope, snapshot, tree
-from pysrbup.repo.wire import ID_SIZE
+from pysrbup.repo.wire import ID_SIZE, split_ids
 from pysrbup.textsafe import printable
 
 SNAPSHOT_VERSION = 1
@@ -128,10 +128,6 @@ class _PendingEntry:
     def __init__(self, record: bytes):
         self.record = record
         self.waiting = 0
-
-
-def _ids(blob: bytes) -> list[bytes]:
-    return [blob[i : i + ID_SIZE] for i in range(0, len(blob), ID_SIZE)]
 
 
 class Backup:
@@ -234,7 +230,7 @@ class Backup:
             return
         entry = _PendingEntry(record)
         with self._lock:
-            for oid in (ids,) if len(ids) == ID_SIZE else _ids(ids):
+            for oid in (ids,) if len(ids) == ID_SIZE else split_ids(ids):
                 if oid in self._not_durable:
                     waiters = self._not_durable[oid]
                     if waiters is None:

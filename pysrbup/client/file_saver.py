@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import zstandard
 
 from pysrbup._native import chunker
+from pysrbup.fileio import pread_into
 from pysrbup.repo import envelope
 
 #: Read size of the block pipeline; a block also holds the carried tail (< max chunk).
@@ -219,12 +220,7 @@ class FileSaver:
         """Reads a small file from its start with ``preadv`` (no file object, no seek);
         size -1 if it is bigger than ``SMALL_FILE`` now."""
         view = self._small
-        filled = 0
-        while filled < len(view):
-            got = os.preadv(fd, [view[filled:]], filled)
-            if not got:
-                break
-            filled += got
+        filled = pread_into(fd, view)
         if filled > SMALL_FILE:  # grew since lstat: take the streaming path
             return -1, [], []
         data = view[:filled]

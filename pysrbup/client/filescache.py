@@ -44,6 +44,7 @@ import numpy as np
 import xxhash
 
 from pysrbup.client.cache import repo_cache_dir
+from pysrbup.fileio import read_into
 from pysrbup.repo.wire import ID_SIZE
 
 RACY_SECONDS = 1.0
@@ -215,12 +216,7 @@ def _read_log(path: str):
             return b""
         blob = mmap.mmap(-1, size)
         view = memoryview(blob)
-        got = 0
-        while got < size:
-            count = handle.readinto(view[got:])
-            if not count:
-                break
-            got += count
+        got = read_into(handle.readinto, view)
         view.release()
         if got < size:  # shrank under us: what was read is the log
             shorter = blob[:got]
@@ -299,13 +295,10 @@ class FilesCache:
         self._index.seen[place] = 1
 
     def add(self, path: bytes, st: os.stat_result, ids: bytes, sizes: bytes, now_ns: int) -> None:
-        """Records a file whose chunks are all durable on the server."""
-        self.add_record(path, st, record_of(path, st, ids, sizes), now_ns)
-
-    def add_record(self, path: bytes, st, record: bytes, now_ns: int) -> None:
-        """``add`` with the record already made by ``record_of``."""
+        """Records a file whose chunks are all durable on the server (unless ``cacheable``
+        says its times are too recent to trust)."""
         if cacheable(st, now_ns):
-            self.append_record(record)
+            self.append_record(record_of(path, st, ids, sizes))
 
     def append_record(self, record: bytes) -> None:
         """Appends a record made by ``record_of`` of a file found ``cacheable``."""

@@ -35,6 +35,21 @@ def _sorted_unique(blob) -> bytes:
     return rows.tobytes()
 
 
+def _sample(blob, count: int, unless: Callable[[bytes], bool]) -> list[bytes]:
+    """Up to ``count`` distinct ids of ``blob`` (concatenated, repeats allowed) in random
+    order, skipping those ``unless`` is true of."""
+    chosen: dict[bytes, None] = {}
+    order = np.random.default_rng(random.getrandbits(64)).permutation(len(blob) // ID_SIZE)
+    for start in range(0, len(order), 65536):
+        for at in order[start : start + 65536].tolist():
+            oid = bytes(blob[at * ID_SIZE : (at + 1) * ID_SIZE])
+            if oid not in chosen and not unless(oid):
+                chosen[oid] = None
+                if len(chosen) == count:
+                    return list(chosen)
+    return list(chosen)
+
+
 class IdSet:
     """An immutable set of 32-byte ids (``in``, ``len``, iteration in sorted order)."""
 
@@ -108,23 +123,9 @@ class IdSet:
         drop = set(oids)
         return IdSet(b"".join(oid for oid in self if oid not in drop)) if drop else self
 
-    def union(self, blob) -> IdSet:
-        """A copy with the ids of ``blob`` (concatenated ids) added."""
-        return IdSet(self._blob + bytes(blob)) if len(blob) else self
-
     def sample(self, count: int, unless: Callable[[bytes], bool] = lambda _: False) -> list[bytes]:
         """Up to ``count`` ids chosen at random, skipping those ``unless`` is true of."""
-        blob = self._blob
-        chosen: list[bytes] = []
-        order = np.random.default_rng(random.getrandbits(64)).permutation(len(self))
-        for start in range(0, len(order), 65536):
-            for at in order[start : start + 65536].tolist():
-                oid = blob[at * ID_SIZE : (at + 1) * ID_SIZE]
-                if not unless(oid):
-                    chosen.append(oid)
-                    if len(chosen) == count:
-                        return chosen
-        return chosen
+        return _sample(self._blob, count, unless)
 
 
 class IdList:
@@ -147,14 +148,4 @@ class IdList:
 
     def sample(self, count: int, unless: Callable[[bytes], bool] = lambda _: False) -> list[bytes]:
         """Up to ``count`` distinct ids chosen at random, skipping those ``unless`` is true of."""
-        blob = self._blob
-        chosen: dict[bytes, None] = {}
-        order = np.random.default_rng(random.getrandbits(64)).permutation(len(blob) // ID_SIZE)
-        for start in range(0, len(order), 65536):
-            for at in order[start : start + 65536].tolist():
-                oid = bytes(blob[at * ID_SIZE : (at + 1) * ID_SIZE])
-                if oid not in chosen and not unless(oid):
-                    chosen[oid] = None
-                    if len(chosen) == count:
-                        return list(chosen)
-        return list(chosen)
+        return _sample(self._blob, count, unless)

@@ -51,6 +51,7 @@ from pysrbup.client.safefs import (
     DirTable,
 )
 from pysrbup.errors import IncompleteError, IntegrityError, PysrbupError, RestoreTargetError
+from pysrbup.fileio import pwrite_all
 from pysrbup.proto import repo_pb2
 from pysrbup.repo import envelope, tree, wire
 from pysrbup.textsafe import printable
@@ -77,13 +78,6 @@ def _is_zero(data: memoryview) -> bool:
         return not size
     step = len(_ZEROS)
     return all(_ZEROS.startswith(data[at : at + step]) for at in range(0, size, step))
-
-
-def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
-    """``os.pwrite`` until all of ``data`` is written."""
-    while data:
-        done = os.pwrite(fd, data, offset)
-        data, offset = data[done:], offset + done
 
 
 class _Plan:
@@ -630,7 +624,7 @@ class Restore:
                     fd = os.open(name, CREATE_FLAGS, 0o600, dir_fd=dir_fd)
                     try:
                         if good:
-                            _pwrite_all(fd, data, 0)
+                            pwrite_all(fd, data, 0)
                         else:  # it still exists, sized, as before
                             os.ftruncate(fd, size)
                         if file in plan.f_xattrs:
@@ -643,7 +637,7 @@ class Restore:
                 else:
                     fd = os.open(name, WRITE_FLAGS, dir_fd=dir_fd)
                     try:
-                        _pwrite_all(fd, data, offset)
+                        pwrite_all(fd, data, offset)
                     finally:
                         os.close(fd)
             except OSError as exc:

@@ -56,7 +56,7 @@ from pysrbup.client.idset import IdSet
 from pysrbup.client.nodes import NodeMaker
 from pysrbup.errors import IntegrityError
 from pysrbup.repo import envelope, tree
-from pysrbup.repo.wire import ID_SIZE
+from pysrbup.repo.wire import ID_SIZE, split_ids
 
 #: Bytes of one arena; the largest sealed chunk fits (the max chunk, uncompressed).
 ARENA_BYTES = 2 * (chunker.DEFAULT_MAX + envelope.OVERHEAD)
@@ -68,10 +68,6 @@ MESSAGE_ENTRIES = 256
 JOBS_AHEAD = 4
 
 SKIP, NODE, FILE, DIR = 0, 1, 2, 3
-
-
-def _split(ids: bytes) -> list[bytes]:
-    return [ids[i : i + ID_SIZE] for i in range(0, len(ids), ID_SIZE)]
 
 
 @dataclass
@@ -255,7 +251,7 @@ class _Worker:
             place, cached = found
             ids = cached.chunk_ids
             known = self.setup.known
-            if ids in known if len(ids) == ID_SIZE else all(known.contains_many(_split(ids))):
+            if ids in known if len(ids) == ID_SIZE else all(known.contains_many(split_ids(ids))):
                 node.size = cached.size
                 node.chunk_ids = ids
                 node.chunk_sizes = cached.chunk_sizes

@@ -45,6 +45,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from pysrbup.errors import IntegrityError, WrongKeyError
+from pysrbup.fileio import read_into
 from pysrbup.repo.wire import KEY_ID_SIZE
 
 VERSION = 1
@@ -85,8 +86,8 @@ class _Nonces:
 
     def take(self) -> bytes:
         local = self._local
-        at = getattr(local, "at", len(_EMPTY))
-        pool = getattr(local, "pool", _EMPTY)
+        at = getattr(local, "at", 0)
+        pool = getattr(local, "pool", b"")
         if at >= len(pool):
             local.pool = pool = os.urandom(NONCE_SIZE * self.BATCH)
             at = 0
@@ -94,7 +95,6 @@ class _Nonces:
         return pool[at : at + NONCE_SIZE]
 
 
-_EMPTY = b""
 _NONCES = _Nonces()
 new_nonce = _NONCES.take
 
@@ -287,12 +287,7 @@ class Opener:
             return memoryview(self._decompress(data))
         out = buffers.plain(size)
         reader = self._decompressor().stream_reader(data, read_across_frames=False)
-        got = 0
-        while got < size:
-            count = reader.readinto(out[got:])
-            if not count:
-                break
-            got += count
+        got = read_into(reader.readinto, out[:size])
         if got != size:
             raise zstandard.ZstdError(f"frame declares {size} bytes but holds {got}")
         if reader.read(1):  # more after the frame (pysrbup writes one): as ``open`` does

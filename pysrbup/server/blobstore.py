@@ -26,6 +26,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from pysrbup.errors import RepositoryError, StorageFullError, UsageError
+from pysrbup.fileio import pread_into
 from pysrbup.server.packs import fsync_dir
 
 
@@ -278,12 +279,7 @@ class LocalStore(BlobStore):
             fd = self._fd(name)
             size = os.fstat(fd).st_size
             view = memoryview(take(size))[:size]
-            got = 0
-            while got < size:
-                n = os.preadv(fd, [view[got:]], got)
-                if not n:
-                    break
-                got += n
+            got = pread_into(fd, view)
         except BlobNotFoundError:
             raise
         except OSError as exc:

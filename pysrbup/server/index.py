@@ -208,20 +208,10 @@ class Index:
 
         return self._transaction(work)
 
-    def present_reviving(self, oid: bytes) -> bool:
-        """True if ``oid`` is stored; a condemned copy is revived (someone relies on it)."""
-        with self._lock:
-            row = self._db.execute("SELECT condemned FROM objects WHERE id=?", (oid,)).fetchone()
-            if row is None:
-                return False
-            if row[0]:
-                self.revive([oid])
-            return True
-
     def present_reviving_many(self, oids: list[bytes]) -> set[bytes]:
         """Which of ``oids`` are stored (one query per ``LOOKUP_BATCH``); condemned ones revived.
 
-        The batched :meth:`present_reviving`, for the ids of one upload frame.
+        For the ids of one upload frame: one query per batch, one transaction of revivals.
         """
         present: set[bytes] = set()
         condemned: list[bytes] = []
