@@ -11,7 +11,16 @@ import numpy as np
 import pytest
 import reedsolo
 
-from pysrbup._native import _chunker, _framing, _rs, chunker_pure, framing_pure, rs_pure
+from pysrbup._native import (
+    _chunker,
+    _framing,
+    _records,
+    _rs,
+    chunker_pure,
+    framing_pure,
+    records_pure,
+    rs_pure,
+)
 from pysrbup._native.gear import gear_table
 
 MB = 1 << 20
@@ -175,4 +184,33 @@ def test_framing_unpack_100b(throughput, impl):
         len(SMALL_FRAME),
         rounds=10,
         group="framing unpack 100B",
+    )
+
+
+# --- sorted records (the client's id set) -----------------------------------------
+
+IDS = rand_bytes(32 * 200_000, 5)  # 200,000 random 32-byte ids
+PROBES = [IDS[at : at + 32] for at in range(0, len(IDS), 32 * 200)]
+
+
+@pytest.mark.parametrize("impl", [_records, records_pure], ids=["native", "pure"])
+def test_records_sort_200k_ids(throughput, impl):
+    throughput(
+        lambda buf: impl.sort_unique(buf, 32, 32),
+        len(IDS),
+        rounds=3,
+        group="records sort 200k ids",
+        setup=lambda: ((bytearray(IDS),), {}),
+    )
+
+
+@pytest.mark.parametrize("impl", [_records, records_pure], ids=["native", "pure"])
+def test_records_find_200k_ids(throughput, impl):
+    table = bytearray(IDS)
+    count = impl.sort_unique(table, 32, 32)
+    throughput(
+        lambda: impl.find_many(table, 32, count, PROBES),
+        len(PROBES) * 32,
+        rounds=5,
+        group="records find in 200k ids",
     )

@@ -2,8 +2,6 @@
 
 from typing import Any
 
-import numpy as np
-
 API_VERSION: int
 DEFAULT_MIN: int
 DEFAULT_AVG: int
@@ -11,5 +9,5 @@ DEFAULT_MAX: int
 MAX_CHUNK_LIMIT: int
 
 def cut_points(
-    gear: np.ndarray, buf: Any, min_size: int, avg_size: int, max_size: int, eof: bool
+    gear: Any, buf: Any, min_size: int, avg_size: int, max_size: int, eof: bool
 ) -> list[int]: ...

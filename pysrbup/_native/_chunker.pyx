@@ -9,8 +9,6 @@ released, so several reader threads can chunk in parallel.
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from libc.stdint cimport uint8_t, uint64_t
 
-import numpy as np
-
 API_VERSION = 2
 
 # Defaults, limits and the parameter checks are shared with the pure twin.
@@ -60,6 +58,25 @@ cdef Py_ssize_t _next_cut(
     return 0
 
 
+cdef const uint64_t[::1] _gear_words(gear):
+    """The 256 words of ``gear`` (any contiguous buffer of unsigned 64-bit words)."""
+    cdef const uint64_t[::1] words
+    try:
+        view = memoryview(gear)
+    except TypeError:
+        raise ValueError(f"gear must be a buffer, not {type(gear).__name__}") from None
+    if view.ndim != 1 or view.shape[0] != 256 or view.format not in _WORD_FORMATS:
+        raise ValueError(
+            f"gear must be 256 unsigned 64-bit words, got {view.shape[0] if view.ndim else 0}"
+            f" of format {view.format!r}"
+        )
+    words = gear
+    return words
+
+
+_WORD_FORMATS = ("Q", "L", "<Q", "=Q", "<L", "=L")
+
+
 def cut_points(gear, buf, Py_ssize_t min_size, Py_ssize_t avg_size, Py_ssize_t max_size,
                bint eof):
     """Finds the content-defined chunk boundaries in ``buf``.
@@ -77,12 +94,7 @@ def cut_points(gear, buf, Py_ssize_t min_size, Py_ssize_t avg_size, Py_ssize_t m
     cdef bint done = False
 
     mask_s, mask_l = _masks(min_size, avg_size, max_size)
-    arr = np.asarray(gear)
-    if arr.dtype != np.uint64 or arr.shape != (256,):
-        raise ValueError(
-            f"gear must be a uint64 array of shape (256,), got {arr.dtype} {arr.shape}"
-        )
-    gview = np.ascontiguousarray(arr)
+    gview = _gear_words(gear)
     for k in range(256):
         table[k] = gview[k]
 

@@ -26,8 +26,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-
 from pysrbup._native.cdc_params import (  # noqa: F401 (the kernel's public constants)
     DEFAULT_AVG,
     DEFAULT_MAX,
@@ -39,13 +37,23 @@ from pysrbup._native.cdc_params import masks as _masks
 _M64 = (1 << 64) - 1
 
 
+#: struct formats of an unsigned 64-bit word in a buffer (array('Q'), numpy uint64).
+_WORD_FORMATS = ("Q", "L", "<Q", "=Q", "<L", "=L")
+
+
 def _gear_list(gear: Any) -> list[int]:
-    table = np.asarray(gear)
-    if table.dtype != np.uint64 or table.shape != (256,):
+    try:
+        view = memoryview(gear)
+    except TypeError:
+        raise ValueError(f"gear must be a buffer, not {type(gear).__name__}") from None
+    if view.ndim != 1 or view.shape[0] != 256 or view.format not in _WORD_FORMATS:
         raise ValueError(
-            f"gear must be a uint64 array of shape (256,), got {table.dtype} {table.shape}"
+            f"gear must be 256 unsigned 64-bit words, got {view.shape[0] if view.ndim else 0}"
+            f" of format {view.format!r}"
         )
-    return [int(x) for x in table]
+    if view.itemsize != 8:
+        raise ValueError("gear must be 256 unsigned 64-bit words")
+    return view.tolist()
 
 
 def _as_bytes_view(buf: Any) -> memoryview:
@@ -61,7 +69,7 @@ def cut_points(
     """Finds the content-defined chunk boundaries in ``buf``.
 
     Args:
-        gear: The gear table, ``numpy.uint64`` array of shape ``(256,)`` (see
+        gear: The gear table, a buffer of 256 unsigned 64-bit words (see
             :func:`pysrbup._native.gear.gear_table`).
         buf: Any contiguous buffer (bytes, bytearray, memoryview, mmap,
             numpy array); it is read in place, never copied.

@@ -13,14 +13,16 @@ chunk boundary of every repository, so both are fixed forever.
 
 from __future__ import annotations
 
+import sys
+from array import array
+
 import blake3
-import numpy as np
 
 #: BLAKE3 derive_key context; part of the on-disk format (chunk boundaries).
 GEAR_CONTEXT = "pysrbup 2024-01 gear table v1"
 
 
-def gear_table(seed: bytes) -> np.ndarray:
+def gear_table(seed: bytes) -> array:
     """Derives the 256-entry gear table for the chunker from a secret seed.
 
     Args:
@@ -28,12 +30,14 @@ def gear_table(seed: bytes) -> np.ndarray:
             sub-key of the repository master key).
 
     Returns:
-        A read-only C-contiguous ``numpy.uint64`` array of shape ``(256,)``.
-        Equal seeds give equal tables; different seeds give unrelated tables.
+        An ``array('Q')`` of 256 native-endian words (no numpy: a backup's
+        processes never import it). Equal seeds give equal tables; different
+        seeds give unrelated tables.
     """
     if not isinstance(seed, (bytes, bytearray, memoryview)):
         raise TypeError(f"seed must be bytes-like, not {type(seed).__name__}")
     raw = blake3.blake3(bytes(seed), derive_key_context=GEAR_CONTEXT).digest(length=256 * 8)
-    table = np.frombuffer(raw, dtype="<u8").astype(np.uint64)
-    table.setflags(write=False)
+    table = array("Q", raw)
+    if sys.byteorder == "big":
+        table.byteswap()
     return table

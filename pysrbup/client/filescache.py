@@ -28,7 +28,6 @@ could leave size and times unchanged.
 
 from __future__ import annotations
 
-import array
 import contextlib
 import fcntl
 import mmap
@@ -40,9 +39,9 @@ import zlib
 from collections.abc import Iterator
 from typing import NamedTuple
 
-import numpy as np
 import xxhash
 
+from pysrbup._native import records
 from pysrbup.client.cache import repo_cache_dir
 from pysrbup.fileio import read_into
 from pysrbup.repo.wire import ID_SIZE
@@ -51,6 +50,8 @@ RACY_SECONDS = 1.0
 _LEN = struct.Struct("<I")
 _HEAD = struct.Struct("<QqqQII")
 _CRC = struct.Struct("<I")
+#: A row of the index: path hash and record offset, big-endian so rows sort as numbers.
+_ROW = struct.Struct(">QQ")
 FLUSH_BYTES = 256 * 1024
 COMPACT_BUFFER = 1024 * 1024
 MAX_RECORD = 1 << 30
@@ -139,44 +140,40 @@ def _path_hash(path: bytes) -> int:
 class _LogIndex:
     """The records of a loaded log, found by the hash of their path.
 
-    Two sorted numpy arrays, path hash and record offset (16 bytes a file;
-    a dict of entries took some 400): the log's bytes stay as they were
-    read, and an entry is decoded when it is looked up. A hash shared by two
-    paths (about 2^-64 per pair) costs a cache miss, nothing else.
+    One buffer of 16-byte rows, path hash and record offset, sorted by the
+    ``records`` kernel (16 bytes a file; a dict of entries took some 400):
+    the log's bytes stay as they were read, and an entry is decoded when it
+    is looked up. A hash shared by two paths (about 2^-64 per pair) costs a
+    cache miss, nothing else.
     """
 
     def __init__(self, blob: bytes):
         self.blob = blob
-        hashes, offsets = array.array("Q"), array.array("Q")
+        rows = bytearray()
         self.intact = 0
         for offset, self.intact, path in _records(blob):
-            hashes.append(_path_hash(path))
-            offsets.append(offset)
+            rows += _ROW.pack(_path_hash(path), offset)
             path.release()  # a view of the blob: none may outlive the loop
-        keys = np.frombuffer(hashes, dtype=np.uint64)
-        order = np.argsort(keys, kind="stable")
-        keys = keys[order]
-        last = np.ones(len(keys), dtype=bool)  # later records of a path win
-        last[:-1] = keys[1:] != keys[:-1]
-        self.hashes = keys[last]
-        self.offsets = np.frombuffer(offsets, dtype=np.uint64)[order][last]
-        self.seen = bytearray(len(self.hashes))  # 1: looked up and kept by this run
+        # Rows of one hash sort by offset: the last kept is the path's latest record.
+        self.count = records.sort_unique(rows, _ROW.size, 8)
+        del rows[self.count * _ROW.size :]
+        self.rows = rows
+        self.seen = bytearray(self.count)  # 1: looked up and kept by this run
 
     def __len__(self) -> int:
-        return len(self.hashes)
+        return self.count
 
     def _place(self, key: int) -> int:
-        """The index of ``key`` in the arrays, or -1."""
-        hashes = self.hashes
-        at = int(hashes.searchsorted(np.uint64(key)))
-        return at if at < len(hashes) and int(hashes[at]) == key else -1
+        """The row of ``key``, or -1."""
+        return records.find(self.rows, _ROW.size, self.count, key.to_bytes(8, "big"))
 
     def find(self, path: bytes) -> tuple[int, Entry] | None:
         """(place, entry) of ``path``, or None."""
         at = self._place(_path_hash(path))
         if at < 0:
             return None
-        found, entry = read_record(self.blob, int(self.offsets[at]))
+        offset = _ROW.unpack_from(self.rows, at * _ROW.size)[1]
+        found, entry = read_record(self.blob, offset)
         return (at, entry) if found == path else None
 
     def keep(self, path: bytes) -> None:
@@ -187,9 +184,12 @@ class _LogIndex:
     def kept(self, log, root_prefix: bytes) -> Iterator[bytes]:
         """The records seen in this run or outside ``root_prefix``, read in order from
         ``log`` (the log file, buffered): memory stays flat however long it is."""
-        order = np.argsort(self.offsets, kind="stable")
-        seen = np.frombuffer(self.seen, dtype=np.uint8)[order].tolist()
-        for offset, was_seen in zip(self.offsets[order].tolist(), seen, strict=True):
+        order = bytearray()  # (offset, row) by offset: the log is read front to back
+        for row, (_, offset) in enumerate(_ROW.iter_unpack(self.rows)):
+            order += _ROW.pack(offset, row)
+        records.sort_unique(order, _ROW.size, _ROW.size)
+        seen = self.seen
+        for offset, row in _ROW.iter_unpack(order):
             log.seek(offset)  # within the buffer: no system call
             head = log.read(_LEN.size + _HEAD.size)
             if len(head) < _LEN.size + _HEAD.size:
@@ -199,7 +199,7 @@ class _LogIndex:
             rest = log.read(length + _CRC.size - _HEAD.size)
             if len(rest) != length + _CRC.size - _HEAD.size:
                 raise OSError("the files cache log shrank while it was compacted")
-            if was_seen or plen < len(root_prefix) or rest[: len(root_prefix)] != root_prefix:
+            if seen[row] or plen < len(root_prefix) or rest[: len(root_prefix)] != root_prefix:
                 yield head + rest
 
 

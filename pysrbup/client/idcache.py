@@ -131,7 +131,7 @@ class IdCache:
     def _write_all(self, ids: IdSet) -> None:
         tmp = self._ids_path + ".tmp"
         with open(tmp, "wb") as handle:
-            handle.write(ids.tobytes())
+            handle.write(ids.view())
         os.replace(tmp, self._ids_path)
         self._rows = len(ids)
 

@@ -2,58 +2,66 @@
 
 A Python ``set`` of ids costs some 105 bytes an id (the bytes object, its
 hash slot); the synced id set of a repository of ten million chunks would
-take a gigabyte. ``IdSet`` keeps the ids sorted in one buffer beside their
-first eight bytes as a numpy array, 40 bytes an id, and answers membership
-by binary search (about a microsecond). It never changes after it is made,
-so forked worker processes share its pages instead of copying them (a
+take a gigabyte. ``IdSet`` keeps the ids sorted in one buffer, 32 bytes an
+id, sorted in place and searched by the ``records`` kernel (binary search
+with ``memcmp``, a fraction of a microsecond). It never changes after it is
+made, so forked worker processes share its pages instead of copying them (a
 set's pages are written by every reference count taken on its members).
 """
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable, Iterable, Iterator
 
-import numpy as np
-
+from pysrbup._native import records
 from pysrbup.repo.wire import ID_SIZE
 
 
-def _sorted_unique(blob) -> bytes:
+def _sorted_unique(blob) -> bytearray:
     """The distinct ids of ``blob`` (concatenated ids), sorted by their bytes; a
     bytearray is sorted in place (one copy of the ids fewer at the peak)."""
-    rows = np.frombuffer(blob, dtype=f"V{ID_SIZE}")  # void items sort as bytes do
-    if rows.flags.writeable:
-        rows.sort()
-    else:
-        rows = np.sort(rows)
-    if len(rows) > 1:
-        fresh = np.ones(len(rows), dtype=bool)
-        fresh[1:] = rows[1:] != rows[:-1]
-        if not fresh.all():
-            rows = rows[fresh]
-    return rows.tobytes()
+    rows = blob if isinstance(blob, bytearray) else bytearray(blob)
+    kept = records.sort_unique(rows, ID_SIZE, ID_SIZE) * ID_SIZE
+    if kept < len(rows):
+        try:
+            del rows[kept:]
+        except BufferError:  # a view of the caller's bytearray is alive: leave it its size
+            rows = rows[:kept]
+    return rows
 
 
 def _sample(blob, count: int, unless: Callable[[bytes], bool]) -> list[bytes]:
     """Up to ``count`` distinct ids of ``blob`` (concatenated, repeats allowed) in random
-    order, skipping those ``unless`` is true of."""
+    order, skipping those ``unless`` is true of.
+
+    Visits the ids along a random stride (start and step drawn at random, the step
+    prime to their number): every id once, spread over the whole list, in constant
+    memory however many there are.
+    """
+    total = len(blob) // ID_SIZE
     chosen: dict[bytes, None] = {}
-    order = np.random.default_rng(random.getrandbits(64)).permutation(len(blob) // ID_SIZE)
-    for start in range(0, len(order), 65536):
-        for at in order[start : start + 65536].tolist():
-            oid = bytes(blob[at * ID_SIZE : (at + 1) * ID_SIZE])
-            if oid not in chosen and not unless(oid):
-                chosen[oid] = None
-                if len(chosen) == count:
-                    return list(chosen)
+    if not total or count <= 0:
+        return []
+    step = random.randrange(1, total) if total > 1 else 1
+    while math.gcd(step, total) != 1:
+        step = random.randrange(1, total)
+    at = random.randrange(total)
+    for _ in range(total):
+        oid = bytes(blob[at * ID_SIZE : (at + 1) * ID_SIZE])
+        if oid not in chosen and not unless(oid):
+            chosen[oid] = None
+            if len(chosen) == count:
+                break
+        at = (at + step) % total
     return list(chosen)
 
 
 class IdSet:
     """An immutable set of 32-byte ids (``in``, ``len``, iteration in sorted order)."""
 
-    __slots__ = ("_blob", "_keys")
+    __slots__ = ("_blob", "_count")
 
     def __init__(self, ids=b""):
         """``ids``: concatenated 32-byte ids (any order, repeats allowed; a bytearray
@@ -61,15 +69,14 @@ class IdSet:
         if len(ids) % ID_SIZE:
             raise ValueError(f"an id list must be a multiple of {ID_SIZE} bytes long")
         self._blob = _sorted_unique(ids)
-        rows = np.frombuffer(self._blob, dtype=np.uint8).reshape(-1, ID_SIZE)
-        self._keys = np.ascontiguousarray(rows[:, :8]).view(">u8").ravel().astype(np.uint64)
+        self._count = len(self._blob) // ID_SIZE
 
     @classmethod
     def of(cls, oids: Iterable[bytes]) -> IdSet:
         return cls(b"".join(oids))
 
     def __len__(self) -> int:
-        return len(self._keys)
+        return self._count
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, IdSet) and self._blob == other._blob
@@ -77,46 +84,25 @@ class IdSet:
     __hash__ = None  # type: ignore[assignment]
 
     def __contains__(self, oid) -> bool:
-        if len(oid) != ID_SIZE or not self._blob:
-            return False
-        at = int(self._keys.searchsorted(np.uint64(int.from_bytes(oid[:8], "big"))))
-        blob = self._blob
-        end = len(blob)
-        at *= ID_SIZE
-        while at < end and blob[at : at + 8] == oid[:8]:  # equal prefixes: whole ids
-            if blob[at : at + ID_SIZE] == oid:
-                return True
-            at += ID_SIZE
-        return False
+        return len(oid) == ID_SIZE and records.find(self._blob, ID_SIZE, self._count, oid) >= 0
 
     def contains_many(self, oids: list[bytes]) -> list[bool]:
-        """``[oid in self for oid in oids]``, with one vectorised search for all of them."""
-        blob = self._blob
-        if not oids or not blob:
-            return [False] * len(oids)
-        heads = np.frombuffer(b"".join(oid[:8].ljust(8, b"\0") for oid in oids), dtype=">u8")
-        found = []
-        end = len(blob)
-        places = self._keys.searchsorted(heads.astype(np.uint64)).tolist()
-        for oid, at in zip(oids, places, strict=True):
-            at *= ID_SIZE
-            hit = False
-            while at < end and blob[at : at + 8] == oid[:8]:
-                if blob[at : at + ID_SIZE] == oid:
-                    hit = True
-                    break
-                at += ID_SIZE
-            found.append(hit)
-        return found
+        """``[oid in self for oid in oids]``, in one call into the kernel."""
+        found = records.find_many(self._blob, ID_SIZE, self._count, oids)
+        return [hit and len(oid) == ID_SIZE for hit, oid in zip(found, oids, strict=True)]
 
     def __iter__(self) -> Iterator[bytes]:
         blob = self._blob
         for at in range(0, len(blob), ID_SIZE):
-            yield blob[at : at + ID_SIZE]
+            yield bytes(blob[at : at + ID_SIZE])
 
     def tobytes(self) -> bytes:
         """The ids, concatenated in sorted order."""
-        return self._blob
+        return bytes(self._blob)
+
+    def view(self) -> memoryview:
+        """The ids, concatenated in sorted order, without a copy (read-only)."""
+        return memoryview(self._blob).toreadonly()
 
     def without(self, oids: Iterable[bytes]) -> IdSet:
         """A copy without ``oids``."""

@@ -1,0 +1,9 @@
+"""Type stub for the compiled records kernel; see records_pure for documentation."""
+
+from typing import Any
+
+API_VERSION: int
+
+def sort_unique(buf: Any, width: int, key_width: int) -> int: ...
+def find(buf: Any, width: int, count: int, key: Any) -> int: ...
+def find_many(buf: Any, width: int, count: int, keys: list) -> list[bool]: ...
