@@ -14,13 +14,13 @@ import reedsolo
 from pysrbup._native import (
     _chunker,
     _framing,
-    _records,
     _rs,
     chunker_pure,
     framing_pure,
     records_pure,
     rs_pure,
 )
+from pysrbup._native import _records as records_native
 from pysrbup._native.gear import gear_table
 
 MB = 1 << 20
@@ -193,7 +193,7 @@ IDS = rand_bytes(32 * 200_000, 5)  # 200,000 random 32-byte ids
 PROBES = [IDS[at : at + 32] for at in range(0, len(IDS), 32 * 200)]
 
 
-@pytest.mark.parametrize("impl", [_records, records_pure], ids=["native", "pure"])
+@pytest.mark.parametrize("impl", [records_native, records_pure], ids=["native", "pure"])
 def test_records_sort_200k_ids(throughput, impl):
     throughput(
         lambda buf: impl.sort_unique(buf, 32, 32),
@@ -204,7 +204,7 @@ def test_records_sort_200k_ids(throughput, impl):
     )
 
 
-@pytest.mark.parametrize("impl", [_records, records_pure], ids=["native", "pure"])
+@pytest.mark.parametrize("impl", [records_native, records_pure], ids=["native", "pure"])
 def test_records_find_200k_ids(throughput, impl):
     table = bytearray(IDS)
     count = impl.sort_unique(table, 32, 32)
