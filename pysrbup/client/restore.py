@@ -58,14 +58,16 @@ from pysrbup.textsafe import printable
 
 #: Plaintext bytes asked for per fetch request: the reply is one frame of about
 #: this size (the server closes frames at 8 MiB), so frames are alike in size
-#: and the allocator reuses their memory instead of mapping fresh pages.
-FETCH_BYTES = 4 * 1024 * 1024
+#: and the allocator reuses their memory instead of mapping fresh pages. On the
+#: 976 MB compare set 1 MiB restored as fast as 4 MiB with a peak RSS of
+#: 101-107 MiB instead of 137-141 (with ``INFLIGHT_BYTES`` 4 instead of 16 MiB).
+FETCH_BYTES = 1024 * 1024
 #: Fetch requests (streams) in flight at once: one stream waits for the server
 #: between requests, several keep it busy.
 FETCH_STREAMS = 3
 #: Reply frames held (received, not yet written) at most, in bytes: the data
 #: path's memory. One frame is always let through.
-INFLIGHT_BYTES = 16 * 1024 * 1024
+INFLIGHT_BYTES = 4 * 1024 * 1024
 #: All-zero chunks at least this big are left as holes (smaller ones cost less to write).
 SPARSE_MIN = 64 * 1024
 _ZEROS = bytes(64 * 1024)

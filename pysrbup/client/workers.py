@@ -50,7 +50,7 @@ from multiprocessing.connection import Connection
 
 from pysrbup._native import chunker
 from pysrbup.client.excludes import Excludes
-from pysrbup.client.file_saver import Block, BlockPool, FileSaver, seal
+from pysrbup.client.file_saver import Block, BlockPool, FileSaver, compressible
 from pysrbup.client.filescache import FilesCache, cacheable, record_of
 from pysrbup.client.idset import IdSet
 from pysrbup.client.nodes import NodeMaker
@@ -101,7 +101,7 @@ class _Worker:
         self.saver = FileSaver(
             setup.sealer,
             setup.gear,
-            BlockPool(2 * setup.seal_threads),
+            BlockPool(setup.seal_threads + 1),  # one read ahead of the sealing threads
             self._claim,
             self._new_chunk,
         )
@@ -142,8 +142,9 @@ class _Worker:
             with self.lock:
                 self.objects.append((oid, 0, 0, len(data)))
             return
-        sealed = seal(self.setup.sealer, oid, data)
-        size = len(sealed)
+        sealer = self.setup.sealer
+        payload, flags = sealer.pack(data, compressible(data))  # outside the lock: zstd is slow
+        size = envelope.OVERHEAD + len(payload)
         with self.lock:
             if self.arena < 0 or self.offset + size > ARENA_BYTES:
                 if self.arena >= 0:  # full: the main process frees it once it is framed
@@ -152,7 +153,9 @@ class _Worker:
                 self.arena = self._take_arena()
                 self.offset = 0
             start = self.offset
-            self.arenas[self.arena][start : start + size] = sealed
+            # Encrypted straight into the arena (under the lock: a flush must not send
+            # it half-written), so no envelope object is made and copied per chunk.
+            sealer.seal_into(oid, payload, flags, self.arenas[self.arena][start : start + size])
             self.offset += size
             self.objects.append((oid, start, size, len(data)))
 

@@ -124,20 +124,34 @@ class Sealer:
 
     def seal(self, oid: bytes, data, compress: bool = True) -> bytearray:
         """The envelope of ``data`` under ``oid``; compression is skipped if it does not shrink."""
-        flags = 0
-        payload = data
+        payload, flags = self.pack(data, compress)
+        out = bytearray(OVERHEAD + len(payload))
+        self.seal_into(oid, payload, flags, memoryview(out))
+        return out
+
+    def pack(self, data, compress: bool = True) -> tuple[object, int]:
+        """(payload, flags) of ``data``: zstd-compressed if asked and it shrinks, else as is.
+
+        With ``seal_into``, the two steps of ``seal``: a caller compresses
+        first, then encrypts straight into memory of exactly the envelope's
+        size (``OVERHEAD + len(payload)``), with no envelope object between.
+        """
         if compress and len(data) > 64:
             packed = self._compressor().compress(data)
             if len(packed) < len(data):
-                payload, flags = packed, FLAG_ZSTD
-        out = bytearray(OVERHEAD + len(payload))
+                return packed, FLAG_ZSTD
+        return data, 0
+
+    def seal_into(self, oid: bytes, payload, flags: int, out: memoryview) -> None:
+        """Writes the envelope of a ``pack`` result into ``out`` (exactly its size)."""
+        if len(out) != OVERHEAD + len(payload):
+            raise ValueError("the envelope's memory must be OVERHEAD + len(payload) bytes")
         nonce = new_nonce()
         struct.pack_into("BB", out, 0, VERSION, flags)
         out[2 : 2 + KEY_ID_SIZE] = self.key_id
         out[2 + KEY_ID_SIZE : HEADER_SIZE] = nonce
         aad = bytes(oid) + bytes(out[:_AAD_LEN])
-        self._aead.encrypt_into(nonce, payload, aad, memoryview(out)[HEADER_SIZE:])
-        return out
+        self._aead.encrypt_into(nonce, payload, aad, out[HEADER_SIZE:])
 
 
 #: ``Buffers`` grow in steps of this much, so sizes repeat and freed memory is reused.
