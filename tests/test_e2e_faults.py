@@ -70,8 +70,10 @@ def test_tampered_pack_is_detected_at_restore(tmp_path, client, key_file, server
 def test_swapped_objects_are_detected(tmp_path, client, key_file, server):
     src = tmp_path / "src"
     src.mkdir()
-    (src / "a.bin").write_bytes(random_bytes(300_000, 1))
-    (src / "b.bin").write_bytes(random_bytes(300_000, 2))
+    # Below the minimum chunk size (256 KiB): one chunk each, whatever the key's
+    # chunk boundaries (300,000 bytes was cut in two by some keys).
+    (src / "a.bin").write_bytes(random_bytes(200_000, 1))
+    (src / "b.bin").write_bytes(random_bytes(200_000, 2))
     backup_id = client.backup(str(src), key_file)
     server.stop()
     path = _pack_files(server.repo)[0]

@@ -21,6 +21,7 @@ import os
 from pysrbup.client.cache import repo_cache_dir
 from pysrbup.client.connection import Connection
 from pysrbup.client.idset import IdSet
+from pysrbup.fileio import read_into
 from pysrbup.repo.wire import ID_SIZE, OP_CONDEMN
 
 
@@ -54,8 +55,11 @@ class IdCache:
         self.epoch, self.last_seq, self._rows = epoch, last_seq, count
 
     def _read_set(self) -> IdSet:
-        with open(self._ids_path, "rb") as handle:
-            return IdSet(handle.read(self._rows * ID_SIZE))
+        rows = bytearray(self._rows * ID_SIZE)  # sorted in place: one copy of the ids
+        with open(self._ids_path, "rb") as handle, memoryview(rows) as view:
+            got = read_into(handle.readinto, view)
+        del rows[got - got % ID_SIZE :]
+        return IdSet(rows)
 
     def _reset(self) -> None:
         self.ids, self.epoch, self.last_seq, self._rows = IdSet(), -1, 0, 0
