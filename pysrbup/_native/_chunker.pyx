@@ -17,6 +17,7 @@ from pysrbup._native.cdc_params import (  # noqa: F401 (re-exported)
     DEFAULT_MAX,
     DEFAULT_MIN,
     MAX_CHUNK_LIMIT,
+    gear_view as _gear_view,
     masks as _masks,
 )
 
@@ -60,21 +61,8 @@ cdef Py_ssize_t _next_cut(
 
 cdef const uint64_t[::1] _gear_words(gear):
     """The 256 words of ``gear`` (any contiguous buffer of unsigned 64-bit words)."""
-    cdef const uint64_t[::1] words
-    try:
-        view = memoryview(gear)
-    except TypeError:
-        raise ValueError(f"gear must be a buffer, not {type(gear).__name__}") from None
-    if view.ndim != 1 or view.shape[0] != 256 or view.format not in _WORD_FORMATS:
-        raise ValueError(
-            f"gear must be 256 unsigned 64-bit words, got {view.shape[0] if view.ndim else 0}"
-            f" of format {view.format!r}"
-        )
-    words = gear
+    cdef const uint64_t[::1] words = _gear_view(gear)
     return words
-
-
-_WORD_FORMATS = ("Q", "L", "<Q", "=Q", "<L", "=L")
 
 
 def cut_points(gear, buf, Py_ssize_t min_size, Py_ssize_t avg_size, Py_ssize_t max_size,

@@ -1,6 +1,7 @@
 """FastCDC parameters shared by the chunker kernel and its pure twin.
 
-Defaults, limits and the normalised-chunking cut masks are written once here;
+Defaults, limits, the gear table's check and the normalised-chunking cut
+masks are written once here;
 ``_chunker.pyx`` and ``chunker_pure.py`` both take them from this module, so
 the two backends cannot disagree about what a valid parameter set is.
 """
@@ -38,3 +39,26 @@ def masks(min_size: int, avg_size: int, max_size: int) -> tuple[int, int]:
         raise ValueError(f"avg_size must be a power of two >= 64, got {avg_size}")
     bits = avg_size.bit_length() - 1
     return top_mask(bits + NORMALIZATION), top_mask(bits - NORMALIZATION)
+
+
+#: struct formats of an unsigned 64-bit word in a buffer (array('Q'), numpy uint64).
+_WORD_FORMATS = ("Q", "L", "<Q", "=Q", "<L", "=L")
+
+
+def gear_view(gear) -> memoryview:
+    """``gear`` as a memoryview of its 256 unsigned 64-bit words; ValueError otherwise."""
+    try:
+        view = memoryview(gear)
+    except TypeError:
+        raise ValueError(f"gear must be a buffer, not {type(gear).__name__}") from None
+    if (
+        view.ndim != 1
+        or view.shape[0] != 256
+        or view.format not in _WORD_FORMATS
+        or view.itemsize != 8
+    ):
+        raise ValueError(
+            f"gear must be 256 unsigned 64-bit words, got {view.shape[0] if view.ndim else 0}"
+            f" of format {view.format!r}"
+        )
+    return view

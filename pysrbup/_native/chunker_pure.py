@@ -31,29 +31,15 @@ from pysrbup._native.cdc_params import (  # noqa: F401 (the kernel's public cons
     DEFAULT_MAX,
     DEFAULT_MIN,
     MAX_CHUNK_LIMIT,
+    gear_view,
 )
 from pysrbup._native.cdc_params import masks as _masks
 
 _M64 = (1 << 64) - 1
 
 
-#: struct formats of an unsigned 64-bit word in a buffer (array('Q'), numpy uint64).
-_WORD_FORMATS = ("Q", "L", "<Q", "=Q", "<L", "=L")
-
-
 def _gear_list(gear: Any) -> list[int]:
-    try:
-        view = memoryview(gear)
-    except TypeError:
-        raise ValueError(f"gear must be a buffer, not {type(gear).__name__}") from None
-    if view.ndim != 1 or view.shape[0] != 256 or view.format not in _WORD_FORMATS:
-        raise ValueError(
-            f"gear must be 256 unsigned 64-bit words, got {view.shape[0] if view.ndim else 0}"
-            f" of format {view.format!r}"
-        )
-    if view.itemsize != 8:
-        raise ValueError("gear must be 256 unsigned 64-bit words")
-    return view.tolist()
+    return gear_view(gear).tolist()
 
 
 def _as_bytes_view(buf: Any) -> memoryview:
