@@ -392,3 +392,47 @@ def test_delete_opens_a_backup_committed_after_it_read_the_session_keys(
     assert result.snapshots == 1 and result.condemned > 0
     client.run("restore", kept, str(tmp_path / "out"), key_file, check=True)
     assert snapshot_tree(str(tmp_path / "out" / "src1")) == snapshot_tree(str(sources[1]))
+
+
+def test_retag_refuses_to_commit_over_a_concurrent_delete(
+    tmp_path, client, key_file, server, monkeypatch
+):
+    """Retag commits with ``revive=False``: a delete of its backup between its id sync
+    and its commit must fail the commit, never resurrect the deleted backup's data."""
+    from pysrbup.client.connection import Connection
+    from pysrbup.client.repository import RemoteRepository
+    from pysrbup.client.retag import retag
+    from pysrbup.client.selection import Listed
+    from pysrbup.errors import ConcurrentDeleteError
+
+    monkeypatch.setenv("PYSRBUP_CACHE_DIR", client.env["PYSRBUP_CACHE_DIR"])
+    monkeypatch.setenv("PYSRBUP_CONFIG_DIR", client.env["PYSRBUP_CONFIG_DIR"])
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "data.bin").write_bytes(random_bytes(2 * 1024 * 1024, 51))
+    kept_id = client.backup(str(src), key_file)
+    (src / "data.bin").write_bytes(random_bytes(2 * 1024 * 1024, 52))
+    doomed_id = client.backup(str(src), key_file)
+
+    class DeletedBeforeCommit(RemoteRepository):
+        """The race, made certain: the backup is deleted right before the commit."""
+
+        def commit_backup(self, *args, **kwargs):
+            client.run("delete", doomed_id, key_file, check=True)
+            return super().commit_backup(*args, **kwargs)
+
+    with Connection(server.address) as conn:
+        key = load_key_file(key_file)
+        plain = RemoteRepository(conn, key)
+        info = plain.find_snapshot(kept_id)
+        renamed = retag(plain, Listed(info, plain.open_snapshot(info)), ["kept"])  # no race
+        racing = DeletedBeforeCommit(conn, key)
+        info = racing.find_snapshot(doomed_id)
+        with pytest.raises(ConcurrentDeleteError):
+            retag(racing, Listed(info, racing.open_snapshot(info)), ["doomed"])
+
+    listed = json.loads(client.run("--json", "list", check=True).stdout)
+    assert [row["id"] for row in listed["backups"]] == [renamed]
+    proc = client.run("restore", renamed, str(tmp_path / "out"), key_file, check=True)
+    assert_no_traceback(proc)
+    assert (tmp_path / "out" / "src" / "data.bin").read_bytes() == random_bytes(2 * 1024 * 1024, 51)
