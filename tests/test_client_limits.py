@@ -146,7 +146,7 @@ def test_a_silent_tcp_peer_gives_a_clear_error(env):
     address = f"127.0.0.1:{listener.getsockname()[1]}"
     try:
         for extra in ({}, {"PYSRBUP_PLAINTEXT": ""}):
-            proc, took = _run_list(address, {**env, **extra})
+            proc, took = _run_list(address, {**env, **extra, "PYSRBUP_CONNECT_TIMEOUT": "3"})
             assert proc.returncode == 1, proc.stderr
             assert took < 30
             assert_no_traceback(proc)

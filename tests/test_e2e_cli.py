@@ -7,6 +7,7 @@ import os
 import stat
 import subprocess
 import sys
+import time
 
 from helpers import assert_no_traceback, backup_id_in
 from trees import dir_size, make_full_tree, random_bytes, snapshot_tree
@@ -167,11 +168,16 @@ def test_generate_key(tmp_path, client):
 def test_unreachable_server(tmp_path, key_file, cache_dir):
     from helpers import Client, base_env, free_port
 
-    dead = Client(f"127.0.0.1:{free_port()}", base_env(cache_dir))
+    # Three seconds of trying instead of ten: the variable is honoured, and the test is short.
+    dead = Client(
+        f"127.0.0.1:{free_port()}", {**base_env(cache_dir), "PYSRBUP_CONNECT_TIMEOUT": "3"}
+    )
     src = tmp_path / "src"
     src.mkdir()
     for args in (("list",), ("backup", str(src), key_file)):
+        started = time.monotonic()
         proc = dead.run(*args, timeout=60)
+        assert time.monotonic() - started < 9  # gave up after 3 s, not the default 10
         assert proc.returncode == 1
         assert "cannot reach the server" in proc.stderr
         assert_no_traceback(proc)

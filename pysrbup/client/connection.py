@@ -23,7 +23,8 @@ from pysrbup._native import framing
 from pysrbup.proto import service_pb2, service_pb2_grpc
 from pysrbup.repo import wire
 
-CONNECT_TIMEOUT = 10.0
+#: How long to try reaching the server (it may be starting): PYSRBUP_CONNECT_TIMEOUT seconds.
+CONNECT_TIMEOUT = float(os.environ.get("PYSRBUP_CONNECT_TIMEOUT", "10"))
 #: Longest wait for one reply (or the next message of a stream): PYSRBUP_TIMEOUT seconds.
 RPC_TIMEOUT = float(os.environ.get("PYSRBUP_TIMEOUT", "120"))
 #: A listing of more snapshot records than this is refused (a lying server's endless stream).
