@@ -273,6 +273,12 @@ class _PausingProgress:
         pass
 
 
+def _share_cli_caches(monkeypatch, client) -> None:
+    """In-process clients of this test use the CLI client's caches and pinned certificates."""
+    monkeypatch.setenv("PYSRBUP_CACHE_DIR", client.env["PYSRBUP_CACHE_DIR"])
+    monkeypatch.setenv("PYSRBUP_CONFIG_DIR", client.env["PYSRBUP_CONFIG_DIR"])  # known_servers
+
+
 def _backup_in_thread(server, key_file, progress, source):
     """Starts an in-process backup of ``source`` (paused by ``progress``); (thread, result)."""
     import threading
@@ -303,8 +309,7 @@ def test_backup_paused_across_a_delete_revives_what_it_reuses(
 ):
     """A delete condemns chunks a running backup deduplicated against; the backup must keep them."""
 
-    monkeypatch.setenv("PYSRBUP_CACHE_DIR", client.env["PYSRBUP_CACHE_DIR"])
-    monkeypatch.setenv("PYSRBUP_CONFIG_DIR", client.env["PYSRBUP_CONFIG_DIR"])  # known_servers
+    _share_cli_caches(monkeypatch, client)
     old = tmp_path / "old"
     old.mkdir()
     (old / "a_reused.bin").write_bytes(random_bytes(3 * 1024 * 1024, 31))
@@ -336,8 +341,7 @@ def test_backup_revives_what_a_delete_condemned_after_another_client_synced(
     paused backup's commit must still revive them, or its snapshot loses them.
     """
 
-    monkeypatch.setenv("PYSRBUP_CACHE_DIR", client.env["PYSRBUP_CACHE_DIR"])
-    monkeypatch.setenv("PYSRBUP_CONFIG_DIR", client.env["PYSRBUP_CONFIG_DIR"])
+    _share_cli_caches(monkeypatch, client)
     old = tmp_path / "old"
     old.mkdir()
     (old / "a_reused.bin").write_bytes(random_bytes(3 * 1024 * 1024, 41))
@@ -374,8 +378,7 @@ def test_delete_opens_a_backup_committed_after_it_read_the_session_keys(
     from pysrbup.client.gc import collect_garbage
     from pysrbup.client.repository import RemoteRepository
 
-    monkeypatch.setenv("PYSRBUP_CACHE_DIR", client.env["PYSRBUP_CACHE_DIR"])
-    monkeypatch.setenv("PYSRBUP_CONFIG_DIR", client.env["PYSRBUP_CONFIG_DIR"])
+    _share_cli_caches(monkeypatch, client)
     sources = []
     for i in range(2):
         src = tmp_path / f"src{i}"
@@ -405,8 +408,7 @@ def test_retag_refuses_to_commit_over_a_concurrent_delete(
     from pysrbup.client.selection import Listed
     from pysrbup.errors import ConcurrentDeleteError
 
-    monkeypatch.setenv("PYSRBUP_CACHE_DIR", client.env["PYSRBUP_CACHE_DIR"])
-    monkeypatch.setenv("PYSRBUP_CONFIG_DIR", client.env["PYSRBUP_CONFIG_DIR"])
+    _share_cli_caches(monkeypatch, client)
     src = tmp_path / "src"
     src.mkdir()
     (src / "data.bin").write_bytes(random_bytes(2 * 1024 * 1024, 51))

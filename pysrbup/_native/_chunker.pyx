@@ -59,12 +59,6 @@ cdef Py_ssize_t _next_cut(
     return 0
 
 
-cdef const uint64_t[::1] _gear_words(gear):
-    """The 256 words of ``gear`` (any contiguous buffer of unsigned 64-bit words)."""
-    cdef const uint64_t[::1] words = _gear_view(gear)
-    return words
-
-
 def cut_points(gear, buf, Py_ssize_t min_size, Py_ssize_t avg_size, Py_ssize_t max_size,
                bint eof):
     """Finds the content-defined chunk boundaries in ``buf``.
@@ -82,7 +76,7 @@ def cut_points(gear, buf, Py_ssize_t min_size, Py_ssize_t avg_size, Py_ssize_t m
     cdef bint done = False
 
     mask_s, mask_l = _masks(min_size, avg_size, max_size)
-    gview = _gear_words(gear)
+    gview = _gear_view(gear)
     for k in range(256):
         table[k] = gview[k]
 

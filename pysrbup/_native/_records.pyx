@@ -110,22 +110,20 @@ cdef Py_ssize_t _lower_bound(const char* base, Py_ssize_t count, Py_ssize_t widt
     return -1
 
 
-cdef int _open(buf, Py_buffer* view, Py_ssize_t width, Py_ssize_t count) except -1:
+cdef Py_ssize_t _open(buf, Py_buffer* view, Py_ssize_t width) except -1:
+    """Acquires ``buf``; the number of records it holds."""
     PyObject_GetBuffer(buf, view, PyBUF_SIMPLE)
     if width < 1 or view.len % width:
         PyBuffer_Release(view)
         raise ValueError(f"the buffer must hold whole records of {width} bytes")
-    if not 0 <= count <= view.len // width:
-        PyBuffer_Release(view)
-        raise ValueError(f"count must be within 0..{view.len // width}")
-    return 0
+    return view.len // width
 
 
-def find(buf, Py_ssize_t width, Py_ssize_t count, key):
-    """Index of the first of ``count`` sorted records starting with ``key``, or -1."""
+def find(buf, Py_ssize_t width, key):
+    """Index of the first of the sorted records starting with ``key``, or -1."""
     cdef Py_buffer view, probe
     cdef Py_ssize_t at = -1
-    _open(buf, &view, width, count)
+    cdef Py_ssize_t count = _open(buf, &view, width)
     try:
         PyObject_GetBuffer(key, &probe, PyBUF_SIMPLE)
         if 0 < probe.len <= width:
@@ -137,12 +135,12 @@ def find(buf, Py_ssize_t width, Py_ssize_t count, key):
     return at
 
 
-def find_many(buf, Py_ssize_t width, Py_ssize_t count, list keys):
-    """``[find(buf, width, count, key) >= 0 for key in keys]``."""
+def find_many(buf, Py_ssize_t width, list keys):
+    """``[find(buf, width, key) >= 0 for key in keys]``."""
     cdef Py_buffer view, probe
     cdef bint hit
+    cdef Py_ssize_t count = _open(buf, &view, width)
     found = []
-    _open(buf, &view, width, count)
     try:
         for key in keys:
             PyObject_GetBuffer(key, &probe, PyBUF_SIMPLE)

@@ -14,4 +14,10 @@ sort_unique = _impl.sort_unique
 find = _impl.find
 find_many = _impl.find_many
 
-__all__ = ["find", "find_many", "sort_unique"]
+__all__ = ["find", "find_many", "sort_unique", "sorted_rows"]
+
+
+def sorted_rows(rows: bytearray, width: int, key_width: int) -> bytearray:
+    """``rows`` sorted in place by ``sort_unique`` and cut to the rows it kept."""
+    del rows[sort_unique(rows, width, key_width) * width :]
+    return rows

@@ -45,12 +45,11 @@ def sort_unique(buf: Any, width: int, key_width: int) -> int:
     return len(kept)
 
 
-def find(buf: Any, width: int, count: int, key: Any) -> int:
-    """The index of the first of the first ``count`` records (sorted) that starts with
+def find(buf: Any, width: int, key: Any) -> int:
+    """The index of the first of the (sorted) records of ``buf`` that starts with
     ``key`` (at most ``width`` bytes), or -1."""
     view = _check(buf, width)
-    if not 0 <= count <= len(view) // width:
-        raise ValueError(f"count must be within 0..{len(view) // width}")
+    count = len(view) // width
     size = len(key)
     if not 0 < size <= width:
         return -1
@@ -59,6 +58,6 @@ def find(buf: Any, width: int, count: int, key: Any) -> int:
     return at if at < count and view[at * width : at * width + size] == key else -1
 
 
-def find_many(buf: Any, width: int, count: int, keys: list) -> list[bool]:
-    """``[find(buf, width, count, key) >= 0 for key in keys]``."""
-    return [find(buf, width, count, key) >= 0 for key in keys]
+def find_many(buf: Any, width: int, keys: list) -> list[bool]:
+    """``[find(buf, width, key) >= 0 for key in keys]``."""
+    return [find(buf, width, key) >= 0 for key in keys]

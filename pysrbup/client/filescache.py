@@ -155,17 +155,15 @@ class _LogIndex:
             rows += _ROW.pack(_path_hash(path), offset)
             path.release()  # a view of the blob: none may outlive the loop
         # Rows of one hash sort by offset: the last kept is the path's latest record.
-        self.count = records.sort_unique(rows, _ROW.size, 8)
-        del rows[self.count * _ROW.size :]
-        self.rows = rows
-        self.seen = bytearray(self.count)  # 1: looked up and kept by this run
+        self.rows = records.sorted_rows(rows, _ROW.size, 8)
+        self.seen = bytearray(len(self))  # 1: looked up and kept by this run
 
     def __len__(self) -> int:
-        return self.count
+        return len(self.rows) // _ROW.size
 
     def _place(self, key: int) -> int:
         """The row of ``key``, or -1."""
-        return records.find(self.rows, _ROW.size, self.count, key.to_bytes(8, "big"))
+        return records.find(self.rows, _ROW.size, key.to_bytes(8, "big"))
 
     def find(self, path: bytes) -> tuple[int, Entry] | None:
         """(place, entry) of ``path``, or None."""

@@ -23,13 +23,7 @@ def _sorted_unique(blob) -> bytearray:
     """The distinct ids of ``blob`` (concatenated ids), sorted by their bytes; a
     bytearray is sorted in place (one copy of the ids fewer at the peak)."""
     rows = blob if isinstance(blob, bytearray) else bytearray(blob)
-    kept = records.sort_unique(rows, ID_SIZE, ID_SIZE) * ID_SIZE
-    if kept < len(rows):
-        try:
-            del rows[kept:]
-        except BufferError:  # a view of the caller's bytearray is alive: leave it its size
-            rows = rows[:kept]
-    return rows
+    return records.sorted_rows(rows, ID_SIZE, ID_SIZE)
 
 
 def _sample(blob, count: int, unless: Callable[[bytes], bool]) -> list[bytes]:
@@ -61,7 +55,7 @@ def _sample(blob, count: int, unless: Callable[[bytes], bool]) -> list[bytes]:
 class IdSet:
     """An immutable set of 32-byte ids (``in``, ``len``, iteration in sorted order)."""
 
-    __slots__ = ("_blob", "_count")
+    __slots__ = ("_blob",)
 
     def __init__(self, ids=b""):
         """``ids``: concatenated 32-byte ids (any order, repeats allowed; a bytearray
@@ -69,14 +63,13 @@ class IdSet:
         if len(ids) % ID_SIZE:
             raise ValueError(f"an id list must be a multiple of {ID_SIZE} bytes long")
         self._blob = _sorted_unique(ids)
-        self._count = len(self._blob) // ID_SIZE
 
     @classmethod
     def of(cls, oids: Iterable[bytes]) -> IdSet:
         return cls(b"".join(oids))
 
     def __len__(self) -> int:
-        return self._count
+        return len(self._blob) // ID_SIZE
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, IdSet) and self._blob == other._blob
@@ -84,11 +77,11 @@ class IdSet:
     __hash__ = None  # type: ignore[assignment]
 
     def __contains__(self, oid) -> bool:
-        return len(oid) == ID_SIZE and records.find(self._blob, ID_SIZE, self._count, oid) >= 0
+        return len(oid) == ID_SIZE and records.find(self._blob, ID_SIZE, oid) >= 0
 
     def contains_many(self, oids: list[bytes]) -> list[bool]:
         """``[oid in self for oid in oids]``, in one call into the kernel."""
-        found = records.find_many(self._blob, ID_SIZE, self._count, oids)
+        found = records.find_many(self._blob, ID_SIZE, oids)
         return [hit and len(oid) == ID_SIZE for hit, oid in zip(found, oids, strict=True)]
 
     def __iter__(self) -> Iterator[bytes]:
