@@ -35,7 +35,7 @@ from trees import make_full_tree, random_bytes, snapshot_tree
 
 import pysrbup
 
-KERNELS = ("chunker", "rs", "framing", "records")
+KERNELS = ("chunker", "rs", "framing", "records", "fsops")
 PYX = sorted(os.path.basename(p)[:-4] for p in glob.glob(f"{ROOT}/pysrbup/_native/_*.pyx"))
 PROTOS = sorted(os.path.basename(p)[:-6] for p in glob.glob(f"{ROOT}/protos/pysrbup/proto/*.proto"))
 STUB_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")

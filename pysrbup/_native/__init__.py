@@ -1,9 +1,9 @@
 """Native kernels (Cython) and their pure-Python twins.
 
-Each kernel has a public facade module here (``chunker``, ``rs``, ``framing``,
-``records``) that re-exports either the compiled extension (``_chunker``,
-``_rs``, ``_framing``, ``_records``) or the pure-Python twin (``chunker_pure``,
-``rs_pure``, ``framing_pure``, ``records_pure``). The compiled one is required unless the user sets
+Each kernel has a public facade module here (``chunker``, ``rs``,
+``framing``, ``records``, ``fsops``) that re-exports either the compiled
+extension (``_chunker``, ...) or the pure-Python twin (``chunker_pure``,
+...). The compiled one is required unless the user sets
 ``PYSRBUP_PURE_PYTHON=1``: a missing or stale build fails loudly rather than
 running silently slow or wrong.
 """
@@ -19,7 +19,7 @@ from types import ModuleType
 API_VERSION = 2
 
 _PURE_ENV = "PYSRBUP_PURE_PYTHON"
-KERNELS = ("chunker", "rs", "framing", "records")
+KERNELS = ("chunker", "rs", "framing", "records", "fsops")
 
 
 class NativeBuildError(ImportError):

@@ -39,6 +39,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+from pysrbup._native import fsops
 from pysrbup.client.excludes import Excludes
 from pysrbup.client.progress import Progress
 from pysrbup.client.repository import FETCH_IDS, RemoteRepository
@@ -47,7 +48,6 @@ from pysrbup.client.safefs import (
     DIR_FLAGS,
     META_FLAGS,
     ROOT,
-    WRITE_FLAGS,
     DirTable,
 )
 from pysrbup.errors import IncompleteError, IntegrityError, PysrbupError, RestoreTargetError
@@ -73,6 +73,20 @@ INFLIGHT_BYTES = 4 * 1024 * 1024
 #: All-zero chunks at least this big are left as holes (smaller ones cost less to write).
 SPARSE_MIN = 64 * 1024
 _ZEROS = bytes(64 * 1024)
+#: Mode bits ``open`` cannot be trusted with (a later chown or write may clear them).
+_SPECIAL_BITS = stat.S_ISUID | stat.S_ISGID | stat.S_ISVTX
+
+
+def _umask() -> int:
+    """This process's umask, read without changing it (Linux); all bits if unknown."""
+    try:
+        with open("/proc/self/status", "rb") as handle:
+            for line in handle:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o7777
 
 
 def _is_zero(data: memoryview) -> bool:
@@ -259,6 +273,11 @@ class Restore:
         self._first_links: dict[tuple[int, int], tuple[int, bytes]] = {}
         self._warned: set[str] = set()
         self._owners: dict[tuple, tuple[int, int]] = {}
+        #: Per directory number: 1 if a file created in it gets this process's uid
+        #: and gid (made by this run, no set-group-ID), so chown can be skipped.
+        self._own_dirs = bytearray()
+        self._ids = (os.geteuid(), os.getegid())
+        self._umask = _umask()
         # The backup's pattern rules, applied to paths below the target.
         self._includes = Excludes.from_options(exclude=includes) if includes else None
         self._excludes = Excludes.from_options(exclude=excludes)
@@ -440,6 +459,8 @@ class Restore:
                 created = self._make_dir(dir_fd, name, path, top=depth == 0)
                 assert self._table is not None
                 index = self._table.add(dir_index, name)
+                assert index == len(self._own_dirs)
+                self._own_dirs.append(created and self._own_dirs[dir_index])
                 xattrs = [(x.name, x.value) for x in node.xattrs] or None
                 self._dirs.append((index, depth + 1, self._meta(node), xattrs))
                 self.result.dirs += 1
@@ -625,25 +646,11 @@ class Restore:
                 ) from None
             try:
                 if offset < 0:  # a one-chunk file: created now, and complete
-                    fd = os.open(name, CREATE_FLAGS, 0o600, dir_fd=dir_fd)
-                    try:
-                        if good:
-                            pwrite_all(fd, data, 0)
-                        else:  # it still exists, sized, as before
-                            os.ftruncate(fd, size)
-                        if file in plan.f_xattrs:
-                            self._apply_xattrs(fd, plan.f_xattrs[file], self._file_path(file))
-                        self._apply_meta(fd, plan.meta(file), file)
-                    finally:
-                        os.close(fd)
+                    self._create_file(dir_fd, file, data if good else None, size)
                 elif sparse:  # a run of zeros in a pre-sized file: leave the hole
                     pass
                 else:
-                    fd = os.open(name, WRITE_FLAGS, dir_fd=dir_fd)
-                    try:
-                        pwrite_all(fd, data, offset)
-                    finally:
-                        os.close(fd)
+                    fsops.write_at(dir_fd, name, data, offset)
             except OSError as exc:
                 raise PysrbupError(
                     f"cannot write {printable(self._file_path(file))}: {exc.strerror}"
@@ -655,6 +662,43 @@ class Restore:
             self.progress.add_bytes(size)
             with self._lock:
                 self.result.bytes_written += size
+
+    def _create_file(self, dir_fd: int, file: int, data: memoryview | None, size: int) -> None:
+        """Creates planned one-chunk ``file`` with ``data`` (None: a hole of ``size``), complete.
+
+        Without extended attributes this is one native call (``fsops``): the
+        file is created with its final mode where the umask allows, and chown
+        is left out where the new file is its owner's already.
+        """
+        plan = self._plan
+        name = plan.name(file)
+        xattrs = plan.f_xattrs.get(file)
+        if xattrs is not None:
+            fd = os.open(name, CREATE_FLAGS, 0o600, dir_fd=dir_fd)
+            try:
+                if data is not None:
+                    pwrite_all(fd, data, 0)
+                else:  # it still exists, sized, as before
+                    os.ftruncate(fd, size)
+                self._apply_xattrs(fd, xattrs, self._file_path(file))
+                self._apply_meta(fd, plan.meta(file), file)
+            finally:
+                os.close(fd)
+            return
+        mode, mtime_ns, uid, gid = plan.meta(file)
+        mode &= 0o7777
+        open_mode, chmod_mode = 0o600, mode
+        if not mode & (_SPECIAL_BITS | self._umask):
+            open_mode, chmod_mode = mode, -1
+        if not self._as_root or (self._own_dirs[plan.f_dir[file]] and (uid, gid) == self._ids):
+            uid = gid = -1
+        failed = fsops.create_file(
+            dir_fd, name, data, size, open_mode, chmod_mode, uid, gid, mtime_ns
+        )
+        if failed:
+            self.warn(
+                f"cannot set metadata of {printable(self._file_path(file))}: {os.strerror(failed)}"
+            )
 
     def _restore_data(self) -> None:
         """Fetches every planned chunk once and writes it everywhere it goes.
@@ -864,6 +908,9 @@ class Restore:
         except OSError as exc:
             raise RestoreTargetError(f"cannot create {printable(target)}: {exc.strerror}") from None
         self._table = DirTable(root_fd)
+        root = os.fstat(root_fd)
+        plain_root = not root.st_mode & stat.S_ISGID and root.st_gid == self._ids[1]
+        self._own_dirs[:] = b"\1" if plain_root else b"\0"
         self.progress.set_total(snap.logical_bytes)
         try:
             if self._includes is not None or self._excludes.patterns:

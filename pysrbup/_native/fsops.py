@@ -1,0 +1,15 @@
+"""Restore's file creation facade: the compiled kernel or its pure-Python twin.
+
+Import from here. :mod:`pysrbup._native.fsops_pure` documents the contract.
+"""
+
+from __future__ import annotations
+
+from pysrbup._native import load
+
+_impl = load("fsops")
+
+create_file = _impl.create_file
+write_at = _impl.write_at
+
+__all__ = ["create_file", "write_at"]

@@ -1,0 +1,85 @@
+"""File creation for restore, pure Python: the twin of the compiled ``_fsops``.
+
+Restoring a tree of small files is a handful of system calls per file
+(create, write, owner, mode, times, close). Made one by one from Python, each
+call releases and retakes the GIL, and with fetch and write threads running
+that is a thread switch per call: on a 127,000-file tree, 600,000 futex calls
+and a fifth of the CPU in the scheduler. The compiled kernel makes all of one
+file's calls in a single stretch without the GIL; this twin makes the same
+calls, in the same order, with the same results and errors.
+
+The contract (both backends):
+
+``create_file(dir_fd, name, data, size, open_mode, chmod_mode, uid, gid, mtime_ns)``
+    Creates ``name`` in the directory ``dir_fd`` (``O_CREAT | O_EXCL |
+    O_NOFOLLOW``, permissions ``open_mode`` less the umask), writes all of
+    ``data`` (a buffer) at offset 0, or if ``data`` is None sizes the file to
+    ``size`` bytes (a hole), then sets its owner (unless ``uid`` is -1), its
+    mode (unless ``chmod_mode`` is -1) and its access and modification times
+    (both ``mtime_ns``), and closes it. Raises ``OSError`` (with the errno)
+    when the file cannot be created, written or sized; the file is then
+    closed. Returns 0, or the errno of the first metadata call that failed
+    (the file then exists with its data, and the remaining metadata unset).
+
+``write_at(dir_fd, name, data, offset)``
+    Opens the existing file ``name`` in ``dir_fd`` (``O_WRONLY | O_NOFOLLOW``),
+    writes all of ``data`` at ``offset`` and closes it; ``OSError`` on failure.
+"""
+
+from __future__ import annotations
+
+import os
+
+#: A new file: fails if anything (file, symlink, directory) already has the name.
+CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+#: A file this restore created, for writing more of it.
+WRITE_FLAGS = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+__all__ = ["create_file", "write_at"]
+
+
+def _pwrite_all(fd: int, data, offset: int) -> None:
+    view = memoryview(data).cast("B")
+    while view:
+        done = os.pwrite(fd, view, offset)
+        view, offset = view[done:], offset + done
+
+
+def create_file(
+    dir_fd: int,
+    name: bytes,
+    data,
+    size: int,
+    open_mode: int,
+    chmod_mode: int,
+    uid: int,
+    gid: int,
+    mtime_ns: int,
+) -> int:
+    """Creates, fills and finishes one file; see the module docstring for the contract."""
+    fd = os.open(name, CREATE_FLAGS, open_mode, dir_fd=dir_fd)
+    try:
+        if data is not None:
+            _pwrite_all(fd, data, 0)
+        else:
+            os.ftruncate(fd, size)
+        try:
+            if uid != -1:
+                os.fchown(fd, uid, gid)
+            if chmod_mode != -1:
+                os.fchmod(fd, chmod_mode)
+            os.utime(fd, ns=(mtime_ns, mtime_ns))
+        except OSError as exc:
+            return exc.errno or 0
+        return 0
+    finally:
+        os.close(fd)
+
+
+def write_at(dir_fd: int, name: bytes, data, offset: int) -> None:
+    """Writes ``data`` into the existing file ``name`` at ``offset``."""
+    fd = os.open(name, WRITE_FLAGS, dir_fd=dir_fd)
+    try:
+        _pwrite_all(fd, data, offset)
+    finally:
+        os.close(fd)
