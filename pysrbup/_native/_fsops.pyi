@@ -4,15 +4,5 @@ from typing import Any
 
 API_VERSION: int
 
-def create_file(
-    dir_fd: int,
-    name: bytes,
-    data: Any,
-    size: int,
-    open_mode: int,
-    chmod_mode: int,
-    uid: int,
-    gid: int,
-    mtime_ns: int,
-) -> int: ...
+def create_files(files: list[tuple[Any, ...]]) -> list[int]: ...
 def write_at(dir_fd: int, name: bytes, data: Any, offset: int) -> None: ...

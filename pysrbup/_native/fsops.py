@@ -9,7 +9,7 @@ from pysrbup._native import load
 
 _impl = load("fsops")
 
-create_file = _impl.create_file
+create_files = _impl.create_files
 write_at = _impl.write_at
 
-__all__ = ["create_file", "write_at"]
+__all__ = ["create_files", "write_at"]

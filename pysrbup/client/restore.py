@@ -70,6 +70,11 @@ FETCH_STREAMS = 4
 #: Reply frames held (received, not yet written) at most, in bytes: the data
 #: path's memory. One frame is always let through.
 INFLIGHT_BYTES = 4 * 1024 * 1024
+#: Whole one-chunk files up to this size are made in batches, by one native call
+#: per batch (their plaintext copied into the writer's arena); bigger ones one by one.
+BATCH_FILE_MAX = 256 * 1024
+#: Plaintext bytes per batch of small files: each writer thread's arena.
+BATCH_BYTES = 1024 * 1024
 #: All-zero chunks at least this big are left as holes (smaller ones cost less to write).
 SPARSE_MIN = 64 * 1024
 _ZEROS = bytes(64 * 1024)
@@ -165,23 +170,6 @@ class _Plan:
         while place >= 0:
             yield self.p_file[place], self.p_offset[place], self.p_size[place]
             place = self.p_next[place]
-
-
-class _Frame:
-    """A reply frame held by queued records: its bytes go back to the budget with the last."""
-
-    __slots__ = ("budget", "left", "lock", "size")
-
-    def __init__(self, budget: _ByteBudget, size: int, records: int):
-        self.budget, self.size, self.left = budget, size, records
-        self.lock = threading.Lock()
-
-    def done(self) -> None:
-        with self.lock:
-            self.left -= 1
-            last = not self.left
-        if last:
-            self.budget.release(self.size)
 
 
 class _ByteBudget:
@@ -636,6 +624,9 @@ class Restore:
                     continue
             elif offset >= 0 and sparse is None:
                 sparse = size >= SPARSE_MIN and _is_zero(data)
+            if offset < 0 and file not in plan.f_xattrs:  # a one-chunk file: made complete
+                self._create_files([(file, data if good else None, size)])
+                continue
             dir_index = plan.f_dir[file]
             name = plan.name(file)
             try:
@@ -645,8 +636,8 @@ class Restore:
                     f"cannot write {printable(self._file_path(file))}: {exc.strerror}"
                 ) from None
             try:
-                if offset < 0:  # a one-chunk file: created now, and complete
-                    self._create_file(dir_fd, file, data if good else None, size)
+                if offset < 0:  # a one-chunk file with extended attributes
+                    self._create_with_xattrs(dir_fd, file, data if good else None, size)
                 elif sparse:  # a run of zeros in a pre-sized file: leave the hole
                     pass
                 else:
@@ -657,55 +648,99 @@ class Restore:
                 ) from None
             finally:
                 table.release(dir_index)
-            if not good:
-                continue
-            self.progress.add_bytes(size)
-            with self._lock:
-                self.result.bytes_written += size
+            if good:
+                self._count_written(size)
 
-    def _create_file(self, dir_fd: int, file: int, data: memoryview | None, size: int) -> None:
-        """Creates planned one-chunk ``file`` with ``data`` (None: a hole of ``size``), complete.
+    def _count_written(self, size: int) -> None:
+        self.progress.add_bytes(size)
+        with self._lock:
+            self.result.bytes_written += size
 
-        Without extended attributes this is one native call (``fsops``): the
-        file is created with its final mode where the umask allows, and chown
-        is left out where the new file is its owner's already.
+    def _create_with_xattrs(self, dir_fd: int, file: int, data, size: int) -> None:
+        """Creates planned one-chunk ``file`` with ``data`` (None: a hole), its xattrs, metadata."""
+        plan = self._plan
+        fd = os.open(plan.name(file), CREATE_FLAGS, 0o600, dir_fd=dir_fd)
+        try:
+            if data is not None:
+                pwrite_all(fd, data, 0)
+            else:  # it still exists, sized, as before
+                os.ftruncate(fd, size)
+            self._apply_xattrs(fd, plan.f_xattrs[file], self._file_path(file))
+            self._apply_meta(fd, plan.meta(file), file)
+        finally:
+            os.close(fd)
+
+    def _single_file(self, chunk: int) -> int:
+        """The file ``chunk`` is the whole of, if that is its only place (and no xattrs); or -1."""
+        plan = self._plan
+        place = plan.head[chunk]
+        if plan.p_next[place] >= 0 or plan.p_offset[place] >= 0:
+            return -1
+        file = plan.p_file[place]
+        return -1 if file in plan.f_xattrs else file
+
+    def _create_files(self, files: list[tuple[int, memoryview | None, int]]) -> None:
+        """Makes planned one-chunk files (number, data or None for a hole, size), complete.
+
+        One native call (``fsops``) for them all: each file is created with its
+        final mode where the umask allows, and chown is left out where the new
+        file is its owner's already.
         """
         plan = self._plan
-        name = plan.name(file)
-        xattrs = plan.f_xattrs.get(file)
-        if xattrs is not None:
-            fd = os.open(name, CREATE_FLAGS, 0o600, dir_fd=dir_fd)
-            try:
-                if data is not None:
-                    pwrite_all(fd, data, 0)
-                else:  # it still exists, sized, as before
-                    os.ftruncate(fd, size)
-                self._apply_xattrs(fd, xattrs, self._file_path(file))
-                self._apply_meta(fd, plan.meta(file), file)
-            finally:
-                os.close(fd)
-            return
-        mode, mtime_ns, uid, gid = plan.meta(file)
-        mode &= 0o7777
-        open_mode, chmod_mode = 0o600, mode
-        if not mode & (_SPECIAL_BITS | self._umask):
-            open_mode, chmod_mode = mode, -1
-        if not self._as_root or (self._own_dirs[plan.f_dir[file]] and (uid, gid) == self._ids):
-            uid = gid = -1
-        failed = fsops.create_file(
-            dir_fd, name, data, size, open_mode, chmod_mode, uid, gid, mtime_ns
-        )
-        if failed:
-            self.warn(
-                f"cannot set metadata of {printable(self._file_path(file))}: {os.strerror(failed)}"
-            )
+        table = self._table
+        assert table is not None
+        entries = []
+        pinned = []
+        try:
+            for file, data, size in files:
+                dir_index = plan.f_dir[file]
+                try:
+                    dir_fd = table.acquire(dir_index)
+                except OSError as exc:
+                    raise PysrbupError(
+                        f"cannot write {printable(self._file_path(file))}: {exc.strerror}"
+                    ) from None
+                pinned.append(dir_index)
+                mode, mtime_ns, uid, gid = plan.meta(file)
+                mode &= 0o7777
+                open_mode, chmod_mode = 0o600, mode
+                if not mode & (_SPECIAL_BITS | self._umask):
+                    open_mode, chmod_mode = mode, -1
+                if not self._as_root or (self._own_dirs[dir_index] and (uid, gid) == self._ids):
+                    uid = gid = -1
+                name = plan.name(file)
+                entries.append(
+                    (dir_fd, name, data, size, open_mode, chmod_mode, uid, gid, mtime_ns)
+                )
+            results = fsops.create_files(entries)
+        finally:
+            for dir_index in pinned:
+                table.release(dir_index)
+        written = 0
+        for (file, data, size), failed in zip(files, results, strict=True):
+            if failed < 0:
+                raise PysrbupError(
+                    f"cannot write {printable(self._file_path(file))}: {os.strerror(-failed)}"
+                )
+            if failed:
+                self.warn(
+                    f"cannot set metadata of {printable(self._file_path(file))}: "
+                    f"{os.strerror(failed)}"
+                )
+            if data is not None:
+                written += size
+        if written:
+            self._count_written(written)
 
     def _restore_data(self) -> None:
         """Fetches every planned chunk once and writes it everywhere it goes.
 
         ``FETCH_STREAMS`` threads fetch batches (one request each) and queue
-        the records, holding at most ``INFLIGHT_BYTES`` of frames; worker
-        threads open each record into their own buffers and write it.
+        the reply frames, holding at most ``INFLIGHT_BYTES`` of them; worker
+        threads open each frame's records into their own buffers and write
+        them. Small whole files are gathered into the worker's arena and made
+        by one native call per batch, so a worker writes files while another
+        holds the interpreter lock to open records.
         """
         plan = self._plan
         count = len(plan.oids)
@@ -738,38 +773,55 @@ class Restore:
                             continue
                         if not budget.acquire(size, stop):
                             return
-                        frame = _Frame(budget, size, len(records))
-                        for oid, status, payload in records:
-                            work.put((plan.chunk_of[oid], status, payload, frame))
+                        work.put((size, list(records)))
                         records.clear()  # the queue holds the frame now, not this thread
-                        del payload
             except BaseException as exc:
                 fail(exc)
 
         def write() -> None:
             buffers = envelope.Buffers()
+            arena = memoryview(bytearray(BATCH_BYTES))
             opener = self.opener
             while (item := work.get()) is not None:
-                chunk, status, payload, frame = item
+                size, records = item
                 del item
+                small: list[tuple[int, memoryview | None, int]] = []
+                used = 0
                 try:
-                    if stop.is_set() or done[chunk]:
-                        continue
-                    done[chunk] = 1
-                    data = None
-                    if status == wire.FETCH_FOUND:
-                        try:
-                            data = opener.open_into(plan.oids[chunk], payload, buffers)
-                        except IntegrityError as exc:
-                            self.warn(str(exc))
-                    del payload  # the frame may go as soon as its records are opened
-                    self._write_chunk(chunk, data)
-                    data = None
+                    for oid, status, payload in records:
+                        chunk = plan.chunk_of[oid]
+                        if stop.is_set() or done[chunk]:
+                            continue
+                        done[chunk] = 1
+                        data = None
+                        if status == wire.FETCH_FOUND:
+                            try:
+                                data = opener.open_into(oid, payload, buffers)
+                            except IntegrityError as exc:
+                                self.warn(str(exc))
+                        want = plan.p_size[plan.head[chunk]]
+                        file = self._single_file(chunk) if want <= BATCH_FILE_MAX else -1
+                        if file < 0:
+                            self._write_chunk(chunk, data)
+                            continue
+                        if data is None or len(data) != want:
+                            self._damage(self._file_path(file))
+                            small.append((file, None, want))
+                            continue
+                        if used + want > len(arena):
+                            self._create_files(small)
+                            small, used = [], 0
+                        arena[used : used + want] = data
+                        small.append((file, arena[used : used + want], want))
+                        used += want
+                    data = payload = None
+                    if small:
+                        self._create_files(small)
                 except BaseException as exc:
                     fail(exc)
                 finally:
-                    payload = None
-                    frame.done()
+                    records = small = data = payload = None
+                    budget.release(size)
 
         fetchers = [
             threading.Thread(target=fetch, name=f"pysrbup-fetch-{n}", daemon=True)
