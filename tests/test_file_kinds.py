@@ -430,3 +430,34 @@ def test_holes_are_zero_filled_without_reading_and_give_the_same_bytes(tmp_path)
             while n := reader.readinto(buf):
                 got += buf[:n]
         assert bytes(got) == want
+
+
+def test_small_files_keep_modes_owners_and_times_in_a_set_group_id_target(
+    tmp_path, client, key_file
+):
+    """Restore makes small files in batches, with their final mode at creation where
+    the umask allows, and skips chown where the new file is already its owner's; a
+    set-group-ID target (files would take its group) must not fool either."""
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    modes = [0o644, 0o600, 0o755, 0o444, 0o664, 0o666, 0o700, 0o4755, 0o2755, 0o1644, 0o000]
+    for n in range(120):
+        path = src / ("sub" if n % 2 else ".") / f"f{n}"
+        path.write_bytes(random_bytes(1 + n * 97, n))
+        os.chmod(path, modes[n % len(modes)])
+        os.utime(path, ns=(n * 10**9 + 7, n * 10**9 + 7))
+        if os.geteuid() == 0 and n % 3 == 0:
+            os.chown(path, 1000 + n, 2000 + n)
+    expected = snapshot_tree(str(src))
+    backup_id = backup_id_in(client.run("backup", str(src), key_file, check=True).stdout)
+    plain = tmp_path / "plain"
+    _restore(client, backup_id, plain, key_file)
+    assert snapshot_tree(str(plain / "src")) == expected
+    if os.geteuid() != 0:
+        return
+    target = tmp_path / "setgid"
+    target.mkdir()
+    os.chown(target, 0, 4321)
+    os.chmod(target, 0o2775)
+    _restore(client, backup_id, target, key_file)
+    assert snapshot_tree(str(target / "src")) == expected
