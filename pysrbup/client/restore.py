@@ -629,12 +629,7 @@ class Restore:
                 continue
             dir_index = plan.f_dir[file]
             name = plan.name(file)
-            try:
-                dir_fd = table.acquire(dir_index)
-            except OSError as exc:
-                raise PysrbupError(
-                    f"cannot write {printable(self._file_path(file))}: {exc.strerror}"
-                ) from None
+            dir_fd = self._acquire_dir_of(file)
             try:
                 if offset < 0:  # a one-chunk file with extended attributes
                     self._create_with_xattrs(dir_fd, file, data if good else None, size)
@@ -650,6 +645,16 @@ class Restore:
                 table.release(dir_index)
             if good:
                 self._count_written(size)
+
+    def _acquire_dir_of(self, file: int) -> int:
+        """The fd of planned ``file``'s directory, pinned until released; a clear error if gone."""
+        assert self._table is not None
+        try:
+            return self._table.acquire(self._plan.f_dir[file])
+        except OSError as exc:
+            raise PysrbupError(
+                f"cannot write {printable(self._file_path(file))}: {exc.strerror}"
+            ) from None
 
     def _count_written(self, size: int) -> None:
         self.progress.add_bytes(size)
@@ -694,12 +699,7 @@ class Restore:
         try:
             for file, data, size in files:
                 dir_index = plan.f_dir[file]
-                try:
-                    dir_fd = table.acquire(dir_index)
-                except OSError as exc:
-                    raise PysrbupError(
-                        f"cannot write {printable(self._file_path(file))}: {exc.strerror}"
-                    ) from None
+                dir_fd = self._acquire_dir_of(file)
                 pinned.append(dir_index)
                 mode, mtime_ns, uid, gid = plan.meta(file)
                 mode &= 0o7777
