@@ -34,19 +34,14 @@ from __future__ import annotations
 
 import os
 
+from pysrbup.fileio import pwrite_all
+
 #: A new file: fails if anything (file, symlink, directory) already has the name.
 CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 #: A file this restore created, for writing more of it.
 WRITE_FLAGS = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 __all__ = ["create_files", "write_at"]
-
-
-def _pwrite_all(fd: int, data, offset: int) -> None:
-    view = memoryview(data).cast("B")
-    while view:
-        done = os.pwrite(fd, view, offset)
-        view, offset = view[done:], offset + done
 
 
 def _create(dir_fd, name, data, size, open_mode, chmod_mode, uid, gid, mtime_ns) -> int:
@@ -58,7 +53,7 @@ def _create(dir_fd, name, data, size, open_mode, chmod_mode, uid, gid, mtime_ns)
     try:
         try:
             if data is not None:
-                _pwrite_all(fd, data, 0)
+                pwrite_all(fd, memoryview(data).cast("B"), 0)
             else:
                 os.ftruncate(fd, size)
         except OSError as exc:
@@ -87,6 +82,6 @@ def write_at(dir_fd: int, name: bytes, data, offset: int) -> None:
     """Writes ``data`` into the existing file ``name`` at ``offset``."""
     fd = os.open(name, WRITE_FLAGS, dir_fd=dir_fd)
     try:
-        _pwrite_all(fd, data, offset)
+        pwrite_all(fd, memoryview(data).cast("B"), offset)
     finally:
         os.close(fd)

@@ -44,7 +44,6 @@ from pysrbup.client.excludes import Excludes
 from pysrbup.client.progress import Progress
 from pysrbup.client.repository import FETCH_IDS, RemoteRepository
 from pysrbup.client.safefs import (
-    CREATE_FLAGS,
     DIR_FLAGS,
     META_FLAGS,
     ROOT,
@@ -468,7 +467,7 @@ class Restore:
                     self._plan.add_place(oid, number, -1, size)
                 else:
                     xattrs = [(x.name, x.value) for x in node.xattrs]
-                    fd = os.open(name, CREATE_FLAGS, 0o600, dir_fd=dir_fd)
+                    fd = os.open(name, fsops.CREATE_FLAGS, 0o600, dir_fd=dir_fd)
                     try:
                         if node.size:
                             os.ftruncate(fd, node.size)
@@ -664,7 +663,7 @@ class Restore:
     def _create_with_xattrs(self, dir_fd: int, file: int, data, size: int) -> None:
         """Creates planned one-chunk ``file`` with ``data`` (None: a hole), its xattrs, metadata."""
         plan = self._plan
-        fd = os.open(plan.name(file), CREATE_FLAGS, 0o600, dir_fd=dir_fd)
+        fd = os.open(plan.name(file), fsops.CREATE_FLAGS, 0o600, dir_fd=dir_fd)
         try:
             if data is not None:
                 pwrite_all(fd, data, 0)
@@ -801,12 +800,8 @@ class Restore:
                                 self.warn(str(exc))
                         want = plan.p_size[plan.head[chunk]]
                         file = self._single_file(chunk) if want <= BATCH_FILE_MAX else -1
-                        if file < 0:
-                            self._write_chunk(chunk, data)
-                            continue
-                        if data is None or len(data) != want:
-                            self._damage(self._file_path(file))
-                            small.append((file, None, want))
+                        if file < 0 or data is None or len(data) != want:
+                            self._write_chunk(chunk, data)  # also what is missing or damaged
                             continue
                         if used + want > len(arena):
                             self._create_files(small)
