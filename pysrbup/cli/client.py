@@ -1082,7 +1082,11 @@ def _tune_memory(command: str) -> None:
     from pysrbup import memtune
 
     if command in _READERS:
-        memtune.tune_malloc(memtune.RESTORE_MMAP_THRESHOLD, memtune.RESTORE_TRIM_THRESHOLD)
+        memtune.tune_malloc(
+            memtune.RESTORE_MMAP_THRESHOLD,
+            memtune.RESTORE_TRIM_THRESHOLD,
+            memtune.RESTORE_ARENA_MAX,
+        )
     else:
         memtune.tune_malloc()
 
