@@ -31,7 +31,10 @@ class _Hostile(service_pb2_grpc.BackupServicer):
         if self.mode == "stall-info":
             self.hang.wait(60)
         return service_pb2.InfoReply(
-            repo_id=b"r" * 16, format_version=1, id_log_epoch=1, id_log_last_seq=1000
+            repo_id=b"r" * 16,
+            format_version=2 if self.mode == "newer-format" else 1,
+            id_log_epoch=1,
+            id_log_last_seq=1000,
         )
 
     def ListSnapshots(self, request, context):
@@ -82,6 +85,16 @@ def _run_list(address: str, env: dict):
     started = time.monotonic()
     proc = Client(address, env).run("list", timeout=60)
     return proc, time.monotonic() - started
+
+
+@pytest.mark.parametrize("hostile", ["newer-format"], indirect=True)
+def test_a_repository_of_a_newer_format_is_refused(hostile, env):
+    proc, _ = _run_list(hostile[0], env)
+    assert proc.returncode == 1
+    assert "keeps repository format 2, this pysrbup reads format 1 only" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert "0123456789abcdef" not in proc.stdout  # nothing was listed
+    assert_no_traceback(proc)
 
 
 @pytest.mark.parametrize("hostile", ["stall-info"], indirect=True)

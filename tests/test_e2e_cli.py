@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from helpers import assert_no_traceback, backup_id_in
 from trees import dir_size, make_full_tree, random_bytes, snapshot_tree
 
@@ -149,6 +150,28 @@ def test_key_file_errors(tmp_path, client):
     assert nokey.returncode == 2 and "no key file given" in nokey.stderr
     for proc in (missing, malformed, nokey):
         assert_no_traceback(proc)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("PYSRBUP_TIMEOUT", "2m"),
+        ("PYSRBUP_CONNECT_TIMEOUT", "-1"),
+        ("PYSRBUP_RETRY_SECONDS", "nan"),
+    ],
+)
+def test_malformed_numeric_settings_are_usage_errors(client, name, value):
+    proc = client.run("list", env={**client.env, name: value})
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"{name} must be a number of seconds" in lines[0], proc.stderr
+    assert repr(value) in lines[0]
+    assert_no_traceback(proc)
+
+
+def test_zero_retry_seconds_is_accepted(client):
+    proc = client.run("list", env={**client.env, "PYSRBUP_RETRY_SECONDS": "0"})
+    assert proc.returncode == 0, proc.stderr
 
 
 def test_generate_key(tmp_path, client):

@@ -10,7 +10,6 @@ stream's length is bounded by what the server announced.
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 import threading
 import time
@@ -18,15 +17,15 @@ from collections.abc import Iterator
 
 import grpc
 
-from pysrbup import errors
+from pysrbup import envvars, errors
 from pysrbup._native import framing
 from pysrbup.proto import service_pb2, service_pb2_grpc
 from pysrbup.repo import wire
 
 #: How long to try reaching the server (it may be starting): PYSRBUP_CONNECT_TIMEOUT seconds.
-CONNECT_TIMEOUT = float(os.environ.get("PYSRBUP_CONNECT_TIMEOUT", "10"))
+CONNECT_TIMEOUT = envvars.seconds("PYSRBUP_CONNECT_TIMEOUT", 10.0)
 #: Longest wait for one reply (or the next message of a stream): PYSRBUP_TIMEOUT seconds.
-RPC_TIMEOUT = float(os.environ.get("PYSRBUP_TIMEOUT", "120"))
+RPC_TIMEOUT = envvars.seconds("PYSRBUP_TIMEOUT", 120.0)
 #: A listing of more snapshot records than this is refused (a lying server's endless stream).
 MAX_SNAPSHOTS = 1_000_000
 MAX_LISTING_BYTES = 1024 * 1024 * 1024
@@ -249,7 +248,15 @@ class Connection:
         return self.watched(getattr(self._stub, method)(request))
 
     def info(self) -> service_pb2.InfoReply:
-        return self._call("GetInfo", service_pb2.InfoRequest())
+        """The server's GetInfo reply; RepositoryError if it speaks another format."""
+        reply = self._call("GetInfo", service_pb2.InfoRequest())
+        if reply.format_version != wire.FORMAT_VERSION:
+            raise errors.RepositoryError(
+                f"the server at {self.address} keeps repository format {reply.format_version}, "
+                f"this pysrbup reads format {wire.FORMAT_VERSION} only: use a pysrbup release "
+                f"that reads format {reply.format_version}"
+            )
+        return reply
 
     def init_repository(self, request: service_pb2.InitRequest) -> None:
         self._call("InitRepository", request)

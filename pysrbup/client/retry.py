@@ -11,17 +11,17 @@ straight to the caller.
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from collections.abc import Callable
 from typing import TypeVar
 
+from pysrbup import envvars
 from pysrbup.errors import ConflictError, NotFoundError, ServerUnavailableError
 
 T = TypeVar("T")
 
 #: How long a client keeps retrying without progress (PYSRBUP_RETRY_SECONDS).
-RETRY_SECONDS = float(os.environ.get("PYSRBUP_RETRY_SECONDS", "30"))
+RETRY_SECONDS = envvars.seconds("PYSRBUP_RETRY_SECONDS", 30.0, allow_zero=True)
 TRANSIENT = (ServerUnavailableError, NotFoundError)
 
 

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import struct
 
+#: The repository format and protocol this version speaks (the server's config file and
+#: its GetInfo reply both carry it; either side refuses any other).
+FORMAT_VERSION = 1
 #: Object ids (keyed BLAKE3 MACs) are 32 bytes everywhere: packs, frames, trees, caches.
 ID_SIZE = 32
 #: Session key ids (envelope header, wrapped key names) are 16 bytes.

@@ -21,7 +21,7 @@ from pysrbup.server import blobstore, snapshot_store
 from pysrbup.server.blobstore import BlobNotFoundError, BlobStore
 
 FORMAT = "pysrbup-repo"
-FORMAT_VERSION = 1
+FORMAT_VERSION = wire.FORMAT_VERSION
 SNAPSHOT_ID = re.compile(r"^[0-9a-f]{16}$")
 KEY_NAME = re.compile(r"^[0-9a-f]{32}$")
 log = logging.getLogger("pysrbup.server")

@@ -111,7 +111,7 @@ class BackupServicer(service_pb2_grpc.BackupServicer):
     def GetInfo(self, request, context):
         return service_pb2.InfoReply(
             repo_id=self.repo.repo_id,
-            format_version=1,
+            format_version=wire.FORMAT_VERSION,
             write_public_key=self.repo.write_public_key,
             destroy_public_key=self.repo.destroy_public_key,
             append_only=self.repo.append_only,
