@@ -47,6 +47,12 @@ CREATE TABLE IF NOT EXISTS meta (
 );
 """
 
+#: SQLite's page cache, in KiB (a negative cache_size). Object ids are random, so
+#: every insert lands on a random page of the objects table: with the default
+#: 2 MiB a big index no longer fits and pages are written out and read back
+#: within one commit. Measured inserting 200,000 ids in commits of 13,000 (what
+#: a backup of 200,000 tiny files makes): 1.10 s of CPU instead of 1.79 s.
+CACHE_KIB = 16 * 1024
 #: Ids per ``IN (...)`` query (SQLite allows 32,766 parameters since 3.32; older, 999).
 LOOKUP_BATCH = 999 if sqlite3.sqlite_version_info < (3, 32) else 4096
 
@@ -62,6 +68,7 @@ class Index:
             self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute(f"PRAGMA cache_size={-CACHE_KIB}")
             self._db.executescript(SCHEMA)
             check = self._db.execute("PRAGMA quick_check").fetchone()[0]
         except sqlite3.DatabaseError as exc:
