@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlparse
 
-from pysrbup.errors import RepositoryError, StorageFullError, UsageError
+from pysrbup.errors import RepositoryError, UsageError
 from pysrbup.fileio import pread_into
-from pysrbup.server.packs import fsync_dir
+from pysrbup.server.packs import fsync_dir, storage_error
 
 
 class BlobNotFoundError(FileNotFoundError):
@@ -149,12 +149,6 @@ class BlobStore:
         """Releases what the store holds open."""
 
 
-def _os_error(exc: OSError, what: str) -> Exception:
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return StorageFullError("server disk is full")
-    return RepositoryError(f"cannot {what}: {exc.strerror or exc}")
-
-
 def _temp_name(path: str) -> str:
     return f"{path}.tmp.{os.getpid()}.{threading.get_ident()}"
 
@@ -205,7 +199,7 @@ class LocalStore(BlobStore):
         except OSError as exc:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
-            raise _os_error(exc, f"write {path}") from None
+            raise storage_error(exc, f"writing {path}") from None
         finally:
             self._forget(name)
         self.stats.add("put", sent=len(data))
@@ -225,7 +219,7 @@ class LocalStore(BlobStore):
                 return
             fsync_dir(os.path.dirname(target))
         except OSError as exc:
-            raise _os_error(exc, f"move {path} to {target}") from None
+            raise storage_error(exc, f"moving {path} to {target}") from None
         finally:
             self._forget(name)
         self.stats.add("put", sent=size)
@@ -243,7 +237,7 @@ class LocalStore(BlobStore):
                 os.unlink(tmp)
             fsync_dir(os.path.dirname(path))
         except OSError as exc:
-            raise _os_error(exc, f"write {path}") from None
+            raise storage_error(exc, f"writing {path}") from None
         self.stats.add("put", sent=len(data))
         return True
 
@@ -270,7 +264,7 @@ class LocalStore(BlobStore):
             raise
         except OSError as exc:
             self._forget(name)
-            raise _os_error(exc, f"read {self.path(name)}") from None
+            raise storage_error(exc, f"reading {self.path(name)}") from None
         self.stats.add("get", received=len(data))
         return data
 
@@ -284,7 +278,7 @@ class LocalStore(BlobStore):
             raise
         except OSError as exc:
             self._forget(name)
-            raise _os_error(exc, f"read {self.path(name)}") from None
+            raise storage_error(exc, f"reading {self.path(name)}") from None
         self.stats.add("get", received=got)
         return view[:got]
 
@@ -317,7 +311,7 @@ class LocalStore(BlobStore):
         except FileNotFoundError:
             pass
         except OSError as exc:
-            raise _os_error(exc, f"delete {path}") from None
+            raise storage_error(exc, f"deleting {path}") from None
 
     def close(self) -> None:
         with self._fd_lock:

@@ -69,10 +69,12 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def _storage_error(exc: OSError, what: str) -> Exception:
+def storage_error(exc: OSError, doing: str) -> Exception:
+    """The error to raise for ``exc`` met while ``doing`` ("writing a pack"): a full
+    disk (or quota) is StorageFullError, anything else RepositoryError."""
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return StorageFullError(f"server disk is full while {what}")
-    return RepositoryError(f"I/O error while {what}: {exc.strerror}")
+        return StorageFullError(f"server disk is full while {doing}")
+    return RepositoryError(f"I/O error while {doing}: {exc.strerror or exc}")
 
 
 class PackWriter:
@@ -89,7 +91,7 @@ class PackWriter:
             os.fsync(self._fd)
             fsync_dir(os.path.dirname(path))
         except OSError as exc:
-            raise _storage_error(exc, "creating a pack") from None
+            raise storage_error(exc, "creating a pack") from None
         self.size = HEADER.size
         self._durable_size = self.size
         self._durable_entries = 0
@@ -102,7 +104,7 @@ class PackWriter:
             written = os.writev(self._fd, [header, payload])
         except OSError as exc:
             self.rollback()
-            raise _storage_error(exc, "writing a pack") from None
+            raise storage_error(exc, "writing a pack") from None
         if written != len(header) + length:
             self.rollback()
             raise StorageFullError("server disk is full while writing a pack (short write)")
@@ -131,7 +133,7 @@ class PackWriter:
                 written = os.writev(self._fd, parts)
             except OSError as exc:
                 self.rollback()
-                raise _storage_error(exc, "writing a pack") from None
+                raise storage_error(exc, "writing a pack") from None
             if written != expected:
                 self.rollback()
                 raise StorageFullError("server disk is full while writing a pack (short write)")
@@ -143,7 +145,7 @@ class PackWriter:
             os.fsync(self._fd)
         except OSError as exc:
             self.rollback()
-            raise _storage_error(exc, "syncing a pack") from None
+            raise storage_error(exc, "syncing a pack") from None
         fresh = self.entries[self._durable_entries :]
         self._durable_size = self.size
         self._durable_entries = len(self.entries)
@@ -166,7 +168,7 @@ class PackWriter:
             write_footer(self._fd, self.size, self.entries)
             os.fsync(self._fd)
         except OSError as exc:
-            raise _storage_error(exc, "sealing a pack") from None
+            raise storage_error(exc, "sealing a pack") from None
         finally:
             os.close(self._fd)
             self._fd = -1
