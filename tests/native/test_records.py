@@ -56,6 +56,30 @@ def test_native_matches_pure_and_python(seed):
     assert outcomes[0] == outcomes[1]
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_bucketed_sort_matches_pure_on_skewed_and_spread_rows(seed):
+    """Enough rows for the native bucket pass: few buckets, one bucket, all buckets."""
+    rng = random.Random(100 + seed)
+    width = [2, 3, 32, 33, 2, 40][seed]
+    key_width = rng.randint(1, width)
+    count = rng.choice([4096, 5000, 9000])
+    shape = seed % 3
+    if shape == 0:  # a small alphabet: a handful of buckets, many equal keys and rows
+        rows = _rows(rng, count, width, b"\x00\x01\x7f\xff")
+    elif shape == 1:  # one bucket holds everything (the heapsort's worst case)
+        rows = [b"\xab\xcd" + rng.randbytes(width - 2) for _ in range(count)]
+    else:  # spread over every bucket, with repeats
+        rows = [rng.randbytes(width) for _ in range(count)]
+        rows += rng.sample(rows, 300)
+        rng.shuffle(rows)
+    results = []
+    for impl in (_records, records_pure):
+        buf = bytearray(b"".join(rows))
+        kept = impl.sort_unique(buf, width, key_width)
+        results.append(bytes(buf[: kept * width]))
+    assert results[0] == results[1] == b"".join(_expected(rows, key_width))
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_random_ids_sort_like_python(impl):
     rng = random.Random(5)
