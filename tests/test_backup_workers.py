@@ -19,6 +19,8 @@ from trees import make_full_tree, random_bytes, snapshot_tree
 
 from pysrbup.client import workers
 from pysrbup.client.backup import Backup
+from pysrbup.client.excludes import Excludes
+from pysrbup.client.filescache import RACY_SECONDS
 from pysrbup.client.restore import Restore
 from pysrbup.proto import repo_pb2
 from pysrbup.repo import tree
@@ -84,6 +86,45 @@ def test_small_arenas_are_retired_reused_and_nothing_is_lost(tmp_path, served, m
     _restored(served, result.backup_id, tmp_path / "out")
     assert snapshot_tree(str(tmp_path / "out" / "src")) == snapshot_tree(str(src))
     assert multiprocessing.active_children() == []  # the workers are gone
+
+
+@pytest.mark.parametrize("ahead", [1, 200])
+def test_read_ahead_over_mixed_entries_loses_nothing(tmp_path, served, monkeypatch, ahead):
+    # Entries are looked at (lstat, files cache, open) up to ``ahead`` before they are
+    # saved: every kind, excluded and too large entries, and an incremental run.
+    monkeypatch.setattr(workers, "READ_AHEAD_ENTRIES", ahead)
+    monkeypatch.setattr(workers, "READ_AHEAD_BYTES", 4096)  # smaller than most files here
+    src = tmp_path / "src"
+    src.mkdir()
+    rng = random.Random(ahead)
+    for i in range(120):
+        kind = i % 6
+        path = src / f"e{i:03d}"
+        if kind == 0:
+            path.write_bytes(b"")
+        elif kind in (1, 2):
+            path.write_bytes(random_bytes(rng.randrange(1, 300_000), i))
+        elif kind == 3:
+            os.symlink(f"e{i - 1:03d}", path)
+        elif kind == 4:
+            path.mkdir()
+            (path / "inner.txt").write_bytes(random_bytes(5000, i))
+        else:
+            os.mkfifo(path)
+    (src / "skip.tmp").write_bytes(b"excluded")
+    (src / "huge.bin").write_bytes(random_bytes(3 * 1024 * 1024, 5))
+    time.sleep(RACY_SECONDS + 0.1)  # settled: the files cache keeps them
+    rules = Excludes.from_options(exclude=["*.tmp"], exclude_larger_than="2M")
+    first = Backup(served.remote, 2, excludes=rules).run(str(src))
+    assert not first.errors and first.files == 120 // 6 * 3 + 120 // 6
+    (src / "e001").write_bytes(b"changed since the first backup")
+    second = Backup(served.remote, 2, excludes=rules).run(str(src))
+    assert not second.errors and second.files_cached == first.files - 1  # all but e001
+    assert second.bytes_hashed == len(b"changed since the first backup")
+    _restored(served, second.backup_id, tmp_path / "out")
+    os.unlink(src / "skip.tmp")
+    os.unlink(src / "huge.bin")
+    assert snapshot_tree(str(tmp_path / "out" / "src")) == snapshot_tree(str(src))
 
 
 def test_the_same_chunk_from_several_workers_is_stored_once(tmp_path, served):

@@ -152,6 +152,21 @@ class SavedFile:
     steady: bool  # unchanged while read (worth a files cache entry)
 
 
+def open_to_read(path: str, st: os.stat_result) -> int:
+    """Opens the file ``path`` (lstat ``st``) for reading: not followed, not blocking
+    (a FIFO put in its place since the lstat is not waited on), without updating
+    its access time where that is allowed. OSError if it cannot be opened."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    if st.st_uid == _EUID or _EUID == 0:  # O_NOATIME needs ownership (or root)
+        flags |= _O_NOATIME
+    try:
+        return os.open(path, flags)
+    except PermissionError:
+        if not flags & _O_NOATIME:
+            raise
+        return os.open(path, flags & ~_O_NOATIME)
+
+
 class FileSaver:
     """Chunks files into named chunks; new ones go to ``new_chunk`` (see the module doc)."""
 
@@ -175,25 +190,25 @@ class FileSaver:
         self.check_failed = check_failed
         self._small = memoryview(bytearray(SMALL_FILE + 1))
 
-    def save(self, path: str, st: os.stat_result, warn: Callable[[str], None]) -> SavedFile | None:
+    def save(
+        self,
+        path: str,
+        st: os.stat_result,
+        warn: Callable[[str], None],
+        fd: int | None = None,
+    ) -> SavedFile | None:
         """Reads ``path`` (not followed); None (after ``warn``) if it cannot be read.
 
+        ``fd``: the file, opened already by ``open_to_read`` (and closed here).
         A file that changed while it was read is read once more; if it changes
         again it is stored as read, with a warning, and marked not steady.
         """
-        flags = os.O_RDONLY | os.O_NOFOLLOW
-        if st.st_uid == _EUID or _EUID == 0:  # O_NOATIME needs ownership (or root)
-            flags |= _O_NOATIME
-        try:
+        if fd is None:
             try:
-                fd = os.open(path, flags)
-            except PermissionError:
-                if not flags & _O_NOATIME:
-                    raise
-                fd = os.open(path, flags & ~_O_NOATIME)
-        except OSError as exc:
-            warn(f"cannot read {path}: {exc.strerror}")
-            return None
+                fd = open_to_read(path, st)
+            except OSError as exc:
+                warn(f"cannot read {path}: {exc.strerror}")
+                return None
         try:
             for _attempt in range(2):
                 size = -1
