@@ -25,6 +25,11 @@ result is a markdown table with ratios against restic.
 libraries, duplicated installs. The same mutation is applied, scaled by the
 tree's size.
 
+Backups read data the generator just wrote, so it is in the page cache;
+``--cold`` drops the cache before every backup as well (as the files of a
+real backup usually are: on disk, not read lately). Every restore starts with
+the cache dropped.
+
 pysrbup runs with a server on loopback. ``--pysrbup NAME=PATH`` (repeatable)
 adds a pysrbup checkout to compare, e.g. a ``git worktree`` of an older
 commit with its native kernels built, so that a change is measured against
@@ -33,6 +38,7 @@ missing (``apt-get update`` once, then ``apt-get install -y restic borgbackup``)
 
     .venv/bin/python bench/compare.py --size 300 --work /tmp/cmp
     .venv/bin/python bench/compare.py --tools pysrbup,restic --data real
+    .venv/bin/python bench/compare.py --tools pysrbup,restic --data real --cold
 """
 
 from __future__ import annotations
@@ -684,9 +690,19 @@ def _settle() -> None:
 
 
 def one_round(
-    tools: list[Tool], work: str, size_mb: int, kind: str = "synthetic", files: int = 100_000
+    tools: list[Tool],
+    work: str,
+    size_mb: int,
+    kind: str = "synthetic",
+    files: int = 100_000,
+    cold: bool = False,
 ) -> tuple[dict, dict]:
-    """Fresh data and repositories; every phase for every tool, interleaved."""
+    """Fresh data and repositories; every phase for every tool, interleaved.
+
+    ``cold``: the page cache is dropped before every backup too (as a backup of
+    files nobody read lately finds it), not only before restores.
+    """
+    before_backup = _settle if cold else _flush
     data = os.path.join(work, "data")
     t0 = time.perf_counter()
     described = make_data(data, kind, size_mb, files)
@@ -698,13 +714,13 @@ def one_round(
             tool.setup()
         for phase in ("initial", "unchanged"):
             for tool in tools:
-                _flush()
+                before_backup()
                 tool.results[phase] = tool.backup(phase, data)
                 _log(phase, tool)
         mutated = mutate(data, size_mb)
         print(f"mutated: {mutated}", file=sys.stderr)
         for tool in tools:
-            _flush()
+            before_backup()
             tool.results["mutated"] = tool.backup("mutated", data)
             _log("mutated", tool)
         expected = tree_digest(data)
@@ -783,6 +799,11 @@ def main(argv: list[str] | None = None) -> int:
         "--rounds", type=int, default=1, help="repeat everything; report medians (default 1)"
     )
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory")
+    parser.add_argument(
+        "--cold",
+        action="store_true",
+        help="drop the page cache before every backup too (the data is read from disk)",
+    )
     parser.add_argument("--json", help="also write the raw figures to this file")
     args = parser.parse_args(argv)
 
@@ -800,7 +821,9 @@ def main(argv: list[str] | None = None) -> int:
         for number in range(args.rounds):
             work = os.path.join(args.work, f"round{number}")
             tools = make_tools(args, wanted, work, python)
-            described, mutated = one_round(tools, work, args.size, args.data, args.files)
+            described, mutated = one_round(
+                tools, work, args.size, args.data, args.files, cold=args.cold
+            )
             data_bytes = sum(os.path.getsize(f) for f in _all_files(os.path.join(work, "data")))
             rounds.append(tools)
             if not args.keep:
@@ -821,6 +844,7 @@ def main(argv: list[str] | None = None) -> int:
             else f"({described['small_files']} small files), "
         )
         + f"mutation: {mutated}; {os.cpu_count()} CPUs; --num-threads={args.threads}; "
+        + ("page cache dropped before every backup; " if args.cold else "")
         + ", ".join(f"{k}: {v}" for k, v in versions.items() if k in wanted)
     )
     print(
