@@ -683,7 +683,7 @@ def _settle() -> None:
     slowed by what the one before wrote and read back (seen here: the third
     restore of a real tree at 3x the CPU of the first, whichever tool it was).
     """
-    subprocess.run(["sync"], check=False)
+    _flush()
     with contextlib.suppress(OSError), open("/proc/sys/vm/drop_caches", "w") as handle:
         handle.write("3\n")
     time.sleep(1)

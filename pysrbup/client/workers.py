@@ -84,8 +84,9 @@ class _Looked:
     index: int
     path: str
     name: bytes
-    st: os.stat_result | None = None
+    st: os.stat_result | None = None  # None: skipped (excluded, too large, or ``problem``)
     problem: str = ""  # why there is no ``st`` (reported in order, when it is saved)
+    path_b: bytes = b""  # ``path`` encoded, for a regular file
     found: tuple | None = None  # the files cache's (place, record) if unchanged
     fd: int | None = None  # open for reading, its first bytes on their way
 
@@ -245,7 +246,8 @@ class _Worker:
                     ahead.append(self._look(item[0], item[1].path, os.fsencode(item[1].name)))
                 if not ahead:
                     return
-                self._add(self._entry(ahead.popleft(), now_ns))
+                self._add(self._entry(ahead[0], now_ns))  # on failure its fd is closed below
+                ahead.popleft()
         finally:
             for looked in ahead:  # an error ended the scan: nothing will read them
                 if looked.fd is not None:
@@ -266,11 +268,13 @@ class _Worker:
             st = os.lstat(path)
         except OSError as exc:
             return _Looked(index, path, name, problem=f"cannot stat {path}: {exc.strerror}")
-        looked = _Looked(index, path, name, st)
-        if not stat.S_ISREG(st.st_mode) or rules.too_large(st.st_size):
-            return looked
-        looked.found = self._unchanged(os.fsencode(path), st)
-        if looked.found is None and st.st_size and not self.setup.dry_run:
+        if not stat.S_ISREG(st.st_mode):
+            return _Looked(index, path, name, st)
+        if rules.too_large(st.st_size):
+            return _Looked(index, path, name)
+        looked = _Looked(index, path, name, st, path_b=os.fsencode(path))
+        looked.found = self._unchanged(looked.path_b, st)
+        if looked.found is None and st.st_size:
             with contextlib.suppress(OSError):  # the save reports it when it opens again
                 looked.fd = open_to_read(path, st)
                 os.posix_fadvise(looked.fd, 0, READ_AHEAD_BYTES, os.POSIX_FADV_WILLNEED)
@@ -291,19 +295,16 @@ class _Worker:
 
     def _entry(self, looked: _Looked, now_ns: int) -> tuple:
         index, path, name, st = looked.index, looked.path, looked.name, looked.st
-        rules = self.setup.excludes
         if st is None:
             if looked.problem:
                 self._error(looked.problem)
             return index, SKIP, None
         mode = st.st_mode
         if stat.S_ISREG(mode):
-            if rules.too_large(st.st_size):
-                return index, SKIP, None
             return self._file(looked, now_ns)
         if stat.S_ISDIR(mode):
             node = self.nodes.directory(path, name, st)
-            other_fs = rules.one_file_system and st.st_dev != self.setup.root_dev
+            other_fs = self.setup.excludes.one_file_system and st.st_dev != self.setup.root_dev
             return index, DIR, (node.SerializeToString(deterministic=True), path, not other_fs)
         try:
             node = self.nodes.other(path, name, st)
@@ -318,7 +319,6 @@ class _Worker:
     def _file(self, looked: _Looked, now_ns: int):
         index, path, name, st = looked.index, looked.path, looked.name, looked.st
         node = self.nodes.file(path, name, st)
-        path_b = os.fsencode(path)
         if looked.found is not None:
             place, cached = looked.found
             node.size = cached.size
@@ -344,7 +344,7 @@ class _Worker:
         self.stats[2] += saved.size
         record = None  # the files-cache record, made here rather than in the main process
         if saved.steady and saved.size == saved.stat.st_size and cacheable(saved.stat, now_ns):
-            record = record_of(path_b, saved.stat, ids, node.chunk_sizes)
+            record = record_of(looked.path_b, saved.stat, ids, node.chunk_sizes)
         return index, FILE, (node.SerializeToString(deterministic=True), ids, record)
 
 

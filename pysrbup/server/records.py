@@ -21,7 +21,6 @@ from pysrbup.server import blobstore, snapshot_store
 from pysrbup.server.blobstore import BlobNotFoundError, BlobStore
 
 FORMAT = "pysrbup-repo"
-FORMAT_VERSION = wire.FORMAT_VERSION
 SNAPSHOT_ID = re.compile(r"^[0-9a-f]{16}$")
 KEY_NAME = re.compile(r"^[0-9a-f]{32}$")
 log = logging.getLogger("pysrbup.server")
@@ -31,7 +30,7 @@ def new_config() -> dict:
     """The config of a new, uninitialised repository (docs/design.md §8.2)."""
     return {
         "format": FORMAT,
-        "version": FORMAT_VERSION,
+        "version": wire.FORMAT_VERSION,
         "repo_id": os.urandom(16).hex(),
         "created": time.time(),
         "write_public_key": None,
@@ -61,7 +60,7 @@ class Records:
             config = json.loads(raw)
             if config.get("format") != FORMAT:
                 raise ValueError("not a pysrbup repository")
-            if config.get("version") != FORMAT_VERSION:
+            if config.get("version") != wire.FORMAT_VERSION:
                 raise ValueError(f"unsupported repository version {config.get('version')}")
             bytes.fromhex(config["repo_id"])
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
