@@ -12,6 +12,7 @@ from pysrbup.crypto.keys import MasterKey
 from pysrbup.errors import NotFoundError, RepositoryError, UsageError
 from pysrbup.repo import auth
 from pysrbup.server import packs
+from pysrbup.server import sessions as sessions_module
 from pysrbup.server.storage import Repository, Session
 
 KEY = MasterKey(bytes(range(32)))
@@ -106,6 +107,37 @@ def test_unsynced_records_are_rolled_back(tmp_path):
     repo.rollback(*sid)
     repo.sync(*sid)
     assert _has(repo, _oid(1)) and not _has(repo, _oid(2))
+    repo.close()
+
+
+def test_durable_records_reach_the_index_in_batches_and_are_never_lost(tmp_path, monkeypatch):
+    """A sync without ``index`` only fsyncs; the index gets the records once
+    INDEX_BATCH are waiting, when the stream fails, or after a crash (recovery)."""
+    monkeypatch.setattr(sessions_module, "INDEX_BATCH", 3)
+    root = str(tmp_path / "r")
+    repo = Repository.open(root)
+    sid = _begin(repo)
+    repo.append(*sid, [(_oid(1), 0, b"one"), (_oid(2), 0, b"two")])
+    repo.sync(*sid, index=False)
+    assert not _has(repo, _oid(1))  # durable, not yet visible
+    again = repo.append(*sid, [(_oid(1), 0, b"one")])  # the session itself still knows it
+    assert (again.stored, again.dropped) == (0, 1)
+    repo.append(*sid, [(_oid(3), 0, b"three")])
+    repo.sync(*sid, index=False)  # three waiting: a batch
+    assert all(_has(repo, _oid(i)) for i in (1, 2, 3))
+
+    repo.append(*sid, [(_oid(4), 0, b"four")])
+    repo.sync(*sid, index=False)
+    repo.append(*sid, [(_oid(5), 0, b"five")])
+    repo.rollback(*sid)  # the stream failed: the durable record is indexed, the rest dropped
+    assert _has(repo, _oid(4)) and not _has(repo, _oid(5))
+
+    repo.append(*sid, [(_oid(6), 0, b"six")])
+    repo.sync(*sid, index=False)
+    _crash(repo)
+    repo = Repository.open(root)  # recovery indexes the staged pack's records
+    got = {oid: bytes(data) for oid, status, data in repo.fetch([_oid(4), _oid(6)]) if status == 0}
+    assert got == {_oid(4): b"four", _oid(6): b"six"}
     repo.close()
 
 

@@ -239,7 +239,10 @@ class FileSaver:
         if filled > SMALL_FILE:  # grew since lstat: take the streaming path
             return -1, [], []
         data = view[:filled]
-        cuts = chunker.cut_points(self.gear, data, *self.sizes, True) if filled else []
+        if filled <= self.sizes[0]:  # no bigger than a minimum chunk: one chunk (or none)
+            cuts = [filled] if filled else []
+        else:
+            cuts = chunker.cut_points(self.gear, data, *self.sizes, True)
         ids: list[bytes] = []
         sizes: list[int] = []
         start = 0

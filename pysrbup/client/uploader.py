@@ -4,7 +4,7 @@ Producers ``put`` (id, envelope) pairs from any thread. Every ``FRAME_BYTES``
 of them become one frame, built by the framing kernel with a single copy of
 each envelope into a ``bytes`` that gRPC sends as it is. One sender thread keeps a raw-bytes upload
 stream open (``Connection.upload_frames``, no protobuf around the frames);
-the server acknowledges frames once they are fsynced and indexed, and for each
+the server acknowledges frames once they are fsynced (durable), and for each
 acknowledged frame the uploader calls ``on_durable`` with its ids, which is
 what lets the files cache record a file only once all its chunks are stored.
 

@@ -24,12 +24,22 @@ log = logging.getLogger("pysrbup.server")
 
 SYNC_BATCH = 32768
 FETCH_FRAME_BYTES = 8 * 1024 * 1024
-#: UploadRaw makes received data durable (fsync + index commit) at least this often.
-UPLOAD_SYNC_BYTES = 16 * 1024 * 1024
+#: UploadRaw makes received data durable (fsync + index commit) at least this often:
+#: half of what a client may leave unacknowledged (``uploader.WINDOW_BYTES`` and
+#: ``WINDOW_OBJECTS``), so a client sending at full speed never waits for an ack.
+UPLOAD_SYNC_BYTES = 8 * 1024 * 1024
+UPLOAD_SYNC_OBJECTS = 16384
+#: ... and when the client pauses: no frame came for this long. Each sync costs an
+#: fsync and an index commit that rewrites every index page it touched (object ids
+#: are random), so syncing whenever the inbox ran dry, as before, made a commit of
+#: ~500 objects per 3 MB and wrote more index pages than the backup had data.
+UPLOAD_PAUSE_SECONDS = 0.05
 #: Frames received ahead of the pack writer (network receive overlaps writing and fsync).
 UPLOAD_INBOX = 4
 #: An upload stream that sends nothing for this long is ended (clients close idle streams).
 UPLOAD_IDLE_SECONDS = 120.0
+
+_PAUSE = object()  # what UploadRaw's loop takes when no frame came in time
 
 _STATUS = {
     errors.NotFoundError: grpc.StatusCode.NOT_FOUND,
@@ -166,11 +176,11 @@ class BackupServicer(service_pb2_grpc.BackupServicer):
         The stream's metadata carries a session proof; the stream then becomes
         the session's only writer (a newer stream supersedes it). A receiver
         thread reads frames ahead while this one appends them to the session's
-        pack; every ``UPLOAD_SYNC_BYTES`` (or when the client pauses) the
-        session is synced and the frames so far acknowledged, so durability
-        never stops the stream and an interrupted client re-sends only what
-        was not acknowledged. On failure only this stream's unsynced records
-        are rolled back.
+        pack; every ``UPLOAD_SYNC_BYTES`` or ``UPLOAD_SYNC_OBJECTS`` (or when the
+        client pauses for ``UPLOAD_PAUSE_SECONDS``) the session is synced and
+        the frames so far acknowledged, so durability never stops the stream
+        and an interrupted client re-sends only what was not acknowledged. On
+        failure only this stream's unsynced records are rolled back.
         """
         meta = dict(context.invocation_metadata())
         try:
@@ -206,27 +216,38 @@ class BackupServicer(service_pb2_grpc.BackupServicer):
                 inbox.put(exc)
 
         threading.Thread(target=receive, name="pysrbup-receive", daemon=True).start()
-        frames = stored = dropped = stored_bytes = unsynced = 0
+        frames = stored = dropped = stored_bytes = unsynced = unsynced_objects = 0
         clean = False
         try:
             while True:
                 try:
-                    item = inbox.get(timeout=UPLOAD_IDLE_SECONDS)
+                    wait = UPLOAD_PAUSE_SECONDS if unsynced else UPLOAD_IDLE_SECONDS
+                    item = inbox.get(timeout=wait)
                 except queue.Empty:
-                    raise errors.ConflictError("the upload stream was idle for too long") from None
+                    if not unsynced:
+                        raise errors.ConflictError(
+                            "the upload stream was idle for too long"
+                        ) from None
+                    item = _PAUSE
                 if isinstance(item, Exception):
                     raise item
-                if item is not None:
+                if item is not None and item is not _PAUSE:
                     counts = self.repo.append(session, stream, framing.unpack_records(item))
                     frames += 1
                     unsynced += len(item)
+                    unsynced_objects += counts.stored + counts.dropped
                     stored += counts.stored
                     dropped += counts.dropped
                     stored_bytes += counts.bytes_stored
-                if item is None or unsynced >= UPLOAD_SYNC_BYTES or (unsynced and inbox.empty()):
-                    self.repo.sync(session, stream)
+                if (
+                    item is None
+                    or item is _PAUSE
+                    or unsynced >= UPLOAD_SYNC_BYTES
+                    or unsynced_objects >= UPLOAD_SYNC_OBJECTS
+                ):
+                    self.repo.sync(session, stream, index=item is None)
                     self.repo.counters.add(upload_bytes=unsynced)  # once per sync, not per frame
-                    unsynced = 0
+                    unsynced = unsynced_objects = 0
                     yield wire.UPLOAD_ACK.pack(frames, stored, dropped, stored_bytes)
                 if item is None:
                     clean = True

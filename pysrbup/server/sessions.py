@@ -2,8 +2,16 @@
 
 A session is a write-key holder's backup: it owns at most one open pack at a
 time (in staging, see packstore.py), appended to by one upload stream,
-synced (fsync, then index rows: the acknowledgement), and sealed when full
-or when the session commits or ends.
+synced (fsync: the acknowledgement), and sealed when full or when the
+session commits or ends.
+
+What a sync made durable reaches the index in batches (``INDEX_BATCH``
+objects, the end of an upload stream, a seal), not at every sync: each
+index commit rewrites every index page it touches, and object ids are
+random, so commits of a thousand objects cost twice as much per object as
+commits of ten thousand. Until then the session's own appends know them
+(``writer_ids``); after a crash ``PackStore.recover`` indexes staged packs
+from their records, so an acknowledged object is never lost.
 """
 
 from __future__ import annotations
@@ -31,6 +39,8 @@ from pysrbup.server.packstore import PackStore
 SESSION_IDLE_SECONDS = 3600
 #: Open sessions at once (each is a key holder's backup; more is a runaway client).
 MAX_SESSIONS = 256
+#: Durable objects a session gathers before they are committed to the index.
+INDEX_BATCH = 16384
 
 
 @dataclass
@@ -48,6 +58,8 @@ class Session:
     writer: packs.PackWriter | None = None
     pack: int = 0
     writer_ids: set[bytes] = field(default_factory=set)
+    #: Durable (fsynced) records of the open pack not yet in the index.
+    unindexed: list[packs.Entry] = field(default_factory=list)
     stored_bytes: int = 0
     last_used: float = field(default_factory=time.monotonic)
 
@@ -155,16 +167,24 @@ class Sessions:
 
     # ---- writing ---------------------------------------------------------------------
 
-    def commit(self, session: Session) -> None:
-        """fsyncs the session's staged pack and commits its new records to the index."""
+    def commit(self, session: Session, index: bool = True) -> None:
+        """fsyncs the session's staged pack; its durable records go to the index now if
+        ``index``, else once ``INDEX_BATCH`` of them are waiting (see the module doc)."""
         if session.writer is None:
             return
-        fresh = session.writer.sync()
-        if fresh:
-            self.index.add_objects(session.pack, fresh)
-            added = sum(e.length for e in fresh)
-            session.stored_bytes += added
-            self.counters.add(objects_added=len(fresh), object_bytes_added=added)
+        session.unindexed += session.writer.sync()
+        if index or len(session.unindexed) >= INDEX_BATCH:
+            self._index_durable(session)
+
+    def _index_durable(self, session: Session) -> None:
+        """Commits the session's durable, not yet indexed records to the index."""
+        if not session.unindexed:
+            return
+        fresh, session.unindexed = session.unindexed, []
+        self.index.add_objects(session.pack, fresh)
+        added = sum(e.length for e in fresh)
+        session.stored_bytes += added
+        self.counters.add(objects_added=len(fresh), object_bytes_added=added)
 
     def seal(self, session: Session, wait: bool = False) -> None:
         """Seals the session's pack (the caller holds its lock) and has it uploaded."""
@@ -232,17 +252,20 @@ class Sessions:
             session.pack, session.writer = self.pack_store.create()
         session.writer.append_many(pending)
 
-    def sync(self, session: Session, stream: int) -> None:
-        """Makes everything the stream appended durable and visible in the index."""
+    def sync(self, session: Session, stream: int, index: bool = True) -> None:
+        """Makes everything the stream appended durable, and visible in the index if
+        ``index`` (else in a later batch)."""
         with session.lock:
             self._writer_of(session, stream)
-            self.commit(session)
+            self.commit(session, index)
 
     def rollback(self, session: Session, stream: int) -> None:
-        """Drops what ``stream`` appended since its last sync (its upload failed)."""
+        """Drops what ``stream`` appended since its last sync (its upload failed); what it
+        made durable goes to the index now, so a client that comes back finds it."""
         with session.lock:
             if session.stream == stream:
                 self.drop_unsynced(session)
+                self._index_durable(session)
 
     @staticmethod
     def drop_unsynced(session: Session) -> None:

@@ -412,12 +412,14 @@ class Repository:
         """Appends records (id, flags, envelope) to the session's pack; durable after ``sync``."""
         return self.sessions.append(session, stream, records)
 
-    def sync(self, session: Session, stream: int) -> None:
-        """Makes everything the stream appended durable and visible in the index."""
-        self.sessions.sync(session, stream)
+    def sync(self, session: Session, stream: int, index: bool = True) -> None:
+        """Makes everything the stream appended durable, and visible in the index if
+        ``index`` (else in a later batch: ``Sessions.commit``)."""
+        self.sessions.sync(session, stream, index)
 
     def rollback(self, session: Session, stream: int) -> None:
-        """Drops what ``stream`` appended since its last sync (its upload failed)."""
+        """Drops what ``stream`` appended since its last sync (its upload failed); what
+        it made durable is indexed."""
         self.sessions.rollback(session, stream)
 
     def put_session_key(self, session: Session, key_id: bytes, wrapped: bytes) -> None:
