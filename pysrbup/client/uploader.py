@@ -8,7 +8,7 @@ the server acknowledges frames once they are fsynced (durable), and for each
 acknowledged frame the uploader calls ``on_durable`` with its ids, which is
 what lets the files cache record a file only once all its chunks are stored.
 
-At most ``WINDOW_BYTES`` of frames, holding at most ``WINDOW_OBJECTS``
+At most ``wire.UPLOAD_WINDOW_BYTES`` of frames, holding at most ``wire.UPLOAD_WINDOW_OBJECTS``
 objects, are unacknowledged at a time (producers block beyond that), which
 bounds memory and what a failure can cost; the object bound matters for tiny
 files, whose per-object state (ids, files-cache records waiting for
@@ -35,16 +35,14 @@ from pysrbup.client.connection import Connection
 from pysrbup.client.retry import RETRY_SECONDS, TRANSIENT, Backoff
 from pysrbup.client.session import SessionHolder
 from pysrbup.errors import NotFoundError, PysrbupError, ServerUnavailableError
-from pysrbup.repo.wire import UPLOAD_ACK
+from pysrbup.repo.wire import UPLOAD_ACK, UPLOAD_WINDOW_BYTES, UPLOAD_WINDOW_OBJECTS
 
 #: Frames of 2 MiB with a 16 MiB window backed the 976 MB compare set up as fast
 #: as 4 MiB frames with a 24 MiB window, with a peak RSS of 113-117 MiB instead of
 #: 123-127 and fewer page faults (the main process's heap holds the window).
 FRAME_BYTES = 2 * 1024 * 1024
-WINDOW_BYTES = 16 * 1024 * 1024
 #: Objects per frame at most: a frame of tiny objects is cut before 2 MiB.
-FRAME_OBJECTS = 8192
-WINDOW_OBJECTS = 4 * FRAME_OBJECTS
+FRAME_OBJECTS = UPLOAD_WINDOW_OBJECTS // 4
 #: A stream with nothing to send for this long is ended cleanly (see the module docstring).
 IDLE_STREAM_SECONDS = 20.0
 
@@ -125,7 +123,8 @@ class Uploader:
         del batch
         with self._cv:
             while (
-                self._unacked >= WINDOW_BYTES or self._unacked_objects >= WINDOW_OBJECTS
+                self._unacked >= UPLOAD_WINDOW_BYTES
+                or self._unacked_objects >= UPLOAD_WINDOW_OBJECTS
             ) and self._error is None:
                 self._cv.wait(0.5)
             if self._error is not None:

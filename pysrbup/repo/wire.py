@@ -53,6 +53,10 @@ FETCH_DAMAGED = 2
 
 #: Upload reply: frames of the call now durable, objects stored, dropped, bytes stored.
 UPLOAD_ACK = struct.Struct("<QQQQ")
+#: What a client leaves unacknowledged at most (bytes of frames, objects in them); the
+#: server syncs at half of either, so a client sending at full speed never waits.
+UPLOAD_WINDOW_BYTES = 16 * 1024 * 1024
+UPLOAD_WINDOW_OBJECTS = 32768
 
 
 def split_ids(blob: bytes) -> list[bytes]:

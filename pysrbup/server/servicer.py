@@ -24,15 +24,12 @@ log = logging.getLogger("pysrbup.server")
 
 SYNC_BATCH = 32768
 FETCH_FRAME_BYTES = 8 * 1024 * 1024
-#: UploadRaw makes received data durable (fsync + index commit) at least this often:
-#: half of what a client may leave unacknowledged (``uploader.WINDOW_BYTES`` and
-#: ``WINDOW_OBJECTS``), so a client sending at full speed never waits for an ack.
-UPLOAD_SYNC_BYTES = 8 * 1024 * 1024
-UPLOAD_SYNC_OBJECTS = 16384
-#: ... and when the client pauses: no frame came for this long. Each sync costs an
-#: fsync and an index commit that rewrites every index page it touched (object ids
-#: are random), so syncing whenever the inbox ran dry, as before, made a commit of
-#: ~500 objects per 3 MB and wrote more index pages than the backup had data.
+#: UploadRaw makes received data durable (fsync; the index follows in batches, see
+#: sessions.py) at least this often: half of what a client may leave unacknowledged.
+UPLOAD_SYNC_BYTES = wire.UPLOAD_WINDOW_BYTES // 2
+UPLOAD_SYNC_OBJECTS = wire.UPLOAD_WINDOW_OBJECTS // 2
+#: ... and when the client pauses: no frame came for this long. Syncing whenever the
+#: inbox ran dry, as before, made ~200 syncs of ~3 MB for a 1.6 GB tree.
 UPLOAD_PAUSE_SECONDS = 0.05
 #: Frames received ahead of the pack writer (network receive overlaps writing and fsync).
 UPLOAD_INBOX = 4
