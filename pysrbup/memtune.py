@@ -26,7 +26,7 @@ MMAP_THRESHOLD = 32 * 1024 * 1024
 TRIM_THRESHOLD = 8 * 1024 * 1024
 #: Every arena keeps its own free memory: a few arenas bound the retained total.
 ARENA_MAX = 2
-#: Restore receives frames of about 1 MiB (never above 8 MiB plus one chunk)
+#: Restore receives frames of about 1 MiB (never above 1 MiB plus one chunk)
 #: and holds only a few (``restore.INFLIGHT_BYTES``): kept in the heap, a
 #: freed frame's pages serve the next one instead of being mapped afresh
 #: (2,000 page faults per 8 MiB frame when each was its own mapping).

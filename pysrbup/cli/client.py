@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.cpu_count() or 2,
         help="parallel workers (default: the number of cores): backup runs this many worker "
         "processes, each reading, chunking and sealing files (and 2 threads sealing a large "
-        "file's chunks); restore writes with this many threads (and fetches with 4 streams)",
+        "file's chunks); restore writes with this many threads (and fetches with 2 streams)",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument(

@@ -55,17 +55,21 @@ from pysrbup.proto import repo_pb2
 from pysrbup.repo import envelope, tree, wire
 from pysrbup.textsafe import printable
 
-#: Plaintext bytes asked for per fetch request: the reply is one frame of about
-#: this size (the server closes frames at 8 MiB), so frames are alike in size
-#: and the allocator reuses their memory instead of mapping fresh pages. On the
-#: 976 MB compare set 1 MiB restored as fast as 4 MiB with a peak RSS of
-#: 101-107 MiB instead of 137-141 (with ``INFLIGHT_BYTES`` 4 instead of 16 MiB).
-FETCH_BYTES = 1024 * 1024
-#: Fetch requests (streams) in flight at once: one stream waits for the server
-#: between requests, several keep it busy. With 1 MiB requests, 4 streams restored
-#: the 976 MB compare set in a median 5.32 s against 5.52 s with 3 (101-104 MiB
-#: peak RSS either way) and 5.28 s with 5 (106-108 MiB), interleaved runs.
-FETCH_STREAMS = 4
+#: Plaintext bytes asked for per fetch request (at most ``FETCH_IDS`` ids). The
+#: server answers with frames of about 1 MiB (``servicer.FETCH_FRAME_BYTES``),
+#: so frames stay alike in size and the allocator reuses their memory, while a
+#: request costs its gRPC call once per 8 MiB instead of once per frame: a call
+#: costs both sides about a millisecond of CPU (threads started and woken),
+#: whatever its size. Against 1 MiB requests on 4 streams, with the page cache
+#: dropped and a fresh ext4 each time (interleaved): the real tree restored in
+#: 7.56-7.87 s instead of 8.63-10.23 s, server CPU 1.6 s instead of 2.3-2.8 s;
+#: the 976 MB compare set in 1.78-2.25 s instead of 2.19-2.42 s; peak RSS +5 MiB.
+FETCH_BYTES = 8 * 1024 * 1024
+#: Fetch requests (streams) in flight at once. The server keeps a stream busy
+#: through a long request (it sends the next frame while the client opens the
+#: last), so two streams overlap one's tail with the other's start; four held
+#: more frames in gRPC's buffers (+8 MiB peak RSS) and were no faster.
+FETCH_STREAMS = 2
 #: Reply frames held (received, not yet written) at most, in bytes: the data
 #: path's memory. One frame is always let through.
 INFLIGHT_BYTES = 4 * 1024 * 1024

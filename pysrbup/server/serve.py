@@ -14,9 +14,10 @@ from pysrbup.server.servicer import BackupServicer
 from pysrbup.server.storage import Repository
 from pysrbup.server.tls import ServerCertificate
 
-#: Free heap memory each malloc arena keeps. The default (8 MiB) is below a fetch frame
-#: (``servicer.FETCH_FRAME_BYTES`` and a chunk): a freed frame at the top of the heap was
-#: given back and the next one faulted in afresh, page by page.
+#: Free heap memory each malloc arena keeps: more than the server's threads free and
+#: allocate again in a burst (pack reads and reply frames of several fetch streams,
+#: upload frames), so a freed buffer at the top of the heap is not given back and
+#: faulted in afresh, page by page, for the next one.
 TRIM_THRESHOLD = 32 * 1024 * 1024
 
 GRPC_OPTIONS = [

@@ -23,7 +23,10 @@ from pysrbup.server.storage import Repository, Session
 log = logging.getLogger("pysrbup.server")
 
 SYNC_BATCH = 32768
-FETCH_FRAME_BYTES = 8 * 1024 * 1024
+#: A fetch reply frame is closed once it holds this much: a long request is
+#: answered by a stream of alike, small frames, which the client opens while the
+#: next ones are on the way (and its allocator reuses for the next ones).
+FETCH_FRAME_BYTES = 1024 * 1024
 #: UploadRaw makes received data durable (fsync; the index follows in batches, see
 #: sessions.py) at least this often: half of what a client may leave unacknowledged.
 UPLOAD_SYNC_BYTES = wire.UPLOAD_WINDOW_BYTES // 2
