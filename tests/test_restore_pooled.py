@@ -149,6 +149,7 @@ def test_restore_with_many_small_batches_and_streams(tmp_path, monkeypatch):
     monkeypatch.setattr(restore_mod, "FETCH_BYTES", 64 * 1024)
     monkeypatch.setattr(restore_mod, "INFLIGHT_BYTES", 96 * 1024)
     monkeypatch.setattr(restore_mod, "FETCH_STREAMS", 3)
+    monkeypatch.setattr(restore_mod, "_PLAN_ROWS", 2)  # the plan's columns double many times
     from pysrbup.client.backup import Backup
 
     src = tmp_path / "src"
@@ -167,3 +168,36 @@ def test_restore_with_many_small_batches_and_streams(tmp_path, monkeypatch):
     ) - os.path.getsize(out / "hardlink.txt")
     places = job.planned()
     assert sum(len(p) for p in places.values()) > len(places)  # copy.bin reuses big.bin's
+
+
+class _Node:
+    """What ``_Plan.add_file`` reads of a tree node."""
+
+    def __init__(self, mode: int, mtime_ns: int):
+        self.mode, self.mtime_ns, self.xattrs = mode, mtime_ns, []
+
+
+def test_plan_keeps_every_file_and_place_as_its_columns_grow(monkeypatch):
+    monkeypatch.setattr(restore_mod, "_PLAN_ROWS", 3)
+    rng = random.Random(5)
+    plan = restore_mod._Plan()
+    files, places = [], {}
+    oids = [rng.randbytes(32) for _ in range(700)]
+    for number in range(2500):
+        name = rng.randbytes(rng.randrange(1, 40))
+        node = _Node(rng.randrange(1 << 16), rng.randrange(-(1 << 62), 1 << 62))
+        owner = (rng.randrange(1 << 32), rng.randrange(1 << 32))
+        assert plan.add_file(number % 17, name, node, owner) == number
+        files.append((number % 17, name, (node.mode, node.mtime_ns, *owner)))
+        for _ in range(rng.randrange(0, 4)):
+            oid, offset, size = rng.choice(oids), rng.randrange(-1, 1 << 40), rng.randrange(1 << 22)
+            plan.add_place(oid, number, offset, size)
+            places.setdefault(oid, []).append((number, offset, size))
+    assert plan.file_count == len(files)
+    for number, (dir_index, name, meta) in enumerate(files):
+        assert (plan.f_dir[number], plan.name(number), plan.meta(number)) == (dir_index, name, meta)
+    assert plan.oids == list(places)  # numbered by first sight
+    for chunk, oid in enumerate(plan.oids):
+        assert plan.chunk_of[oid] == chunk
+        assert list(plan.places(chunk)) == places[oid][::-1]  # newest first
+    assert plan.place_count == sum(len(p) for p in places.values())
