@@ -718,35 +718,27 @@ def fresh_fs(target: str, size_bytes: int):
     """
     image = target + ".img"
     os.makedirs(target, exist_ok=True)
-    with open(image, "wb") as handle:
-        handle.truncate(size_bytes)
-    subprocess.run(
-        ["mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0", image],
-        check=True,
-        capture_output=True,
-    )
-    device = subprocess.run(
-        ["losetup", "--find", "--show", "--direct-io=on", image],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout.strip()
-    try:
+    with contextlib.ExitStack() as undo:  # unwinds whatever step was reached, last first
+        with open(image, "wb") as handle:
+            handle.truncate(size_bytes)
+        undo.callback(os.unlink, image)
+        lazy = "lazy_itable_init=0,lazy_journal_init=0"
+        subprocess.run(
+            ["mkfs.ext4", "-q", "-F", "-E", lazy, image], check=True, capture_output=True
+        )
+        attach = ["losetup", "--find", "--show", "--direct-io=on", image]
+        device = subprocess.run(attach, check=True, capture_output=True, text=True).stdout.strip()
+        undo.callback(subprocess.run, ["losetup", "-d", device], capture_output=True)
         subprocess.run(["mount", device, target], check=True, capture_output=True)
-        try:
-            yield target
-        finally:
-            subprocess.run(["umount", target], check=False, capture_output=True)
-    finally:
-        subprocess.run(["losetup", "-d", device], check=False, capture_output=True)
-        os.unlink(image)
+        undo.callback(subprocess.run, ["umount", target], capture_output=True)
+        yield target
 
 
-def _restore_fs_size(data: str) -> int:
-    """Room for one restored copy of ``data``: its bytes twice, plus inodes and journal."""
-    files = _all_files(data)
-    used = sum(os.lstat(f).st_size for f in files)
-    return 2 * used + 4096 * 4 * len(files) + 512 * MiB
+def _restore_fs_size(digest: dict[str, tuple]) -> int:
+    """Room for one restored copy of a tree (its ``tree_digest``): its bytes twice,
+    plus inodes and journal."""
+    used = sum(entry[1] for entry in digest.values() if entry[0] == "file")
+    return 2 * used + 4096 * 4 * len(digest) + 512 * MiB
 
 
 def one_round(
@@ -787,7 +779,7 @@ def one_round(
             tool.results["mutated"] = tool.backup("mutated", data)
             _log("mutated", tool)
         expected = tree_digest(data)
-        fs_size = _restore_fs_size(data) if restore_fs == "ext4" else 0
+        fs_size = _restore_fs_size(expected) if restore_fs == "ext4" else 0
         for tool in tools:
             target = os.path.join(work, "restore-" + tool.name)
             with fresh_fs(target, fs_size) if fs_size else contextlib.nullcontext():

@@ -156,7 +156,6 @@ class _Plan:
         self.f_gid = column("I")
         self.f_xattrs: dict[int, list[tuple[bytes, bytes]]] = {}
         self.names = bytearray(16 * _PLAN_ROWS)
-        self._names_end = 0
         self._file_columns = (
             self.f_dir,
             self.f_name,
@@ -174,9 +173,10 @@ class _Plan:
         if number == len(self.f_dir):
             for column in self._file_columns:
                 _doubled(column, number + 1)
-        start = self._names_end
-        end = self._names_end = start + len(name)
-        _doubled(self.names, end)
+        start = self.f_name[number - 1] if number else 0  # the previous name's end
+        end = start + len(name)
+        if end > len(self.names):
+            _doubled(self.names, end)
         self.names[start:end] = name
         self.f_dir[number] = dir_index
         self.f_name[number] = end
@@ -194,7 +194,8 @@ class _Plan:
         if chunk is None:
             chunk = self.chunk_of[oid] = len(self.oids)
             self.oids.append(oid)
-            _doubled(self.head, chunk + 1)
+            if chunk == len(self.head):
+                _doubled(self.head, chunk + 1)
             self.head[chunk] = -1
         place = self.place_count
         self.place_count = place + 1
