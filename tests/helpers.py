@@ -98,6 +98,16 @@ class ServerProcess:
             self.proc.kill()
             self.proc.wait()
 
+    def settled(self, timeout: float = 30) -> None:
+        """Waits until every pack has left staging for packs/ (a backup's last pack is
+        moved there by a server thread after the backup returned)."""
+        staging = os.path.join(self.repo, "staging")
+        deadline = time.monotonic() + timeout
+        while any(name.endswith(".pack") for name in os.listdir(staging)):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"packs still staged after {timeout} s: {os.listdir(staging)}")
+            time.sleep(0.01)
+
     def log(self) -> str:
         with open(self.log_path, errors="replace") as handle:
             return handle.read()

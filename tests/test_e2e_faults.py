@@ -46,6 +46,7 @@ def _largest_record(repo: str) -> tuple[str, packs.Entry]:
 @pytest.mark.parametrize("fix_checksum", [False, True], ids=["bitrot", "forged-checksum"])
 def test_tampered_pack_is_detected_at_restore(tmp_path, client, key_file, server, fix_checksum):
     _src, backup_id = _backup_two_files(tmp_path, client, key_file)
+    server.settled()
     path, entry = _largest_record(server.repo)
     with open(path, "r+b") as handle:
         handle.seek(entry.offset + entry.length // 2)
@@ -105,6 +106,7 @@ def test_server_killed_mid_backup_then_rerun(tmp_path, client, key_file, server)
     src.mkdir()
     for i in range(12):
         (src / f"part{i}.bin").write_bytes(random_bytes(8 * 1024 * 1024, 40 + i))
+    server.settled()
     stored_before = sum(os.path.getsize(p) for p in _pack_files(server.repo))
     client.env = dict(client.env, PYSRBUP_RETRY_SECONDS="3")  # give up soon: it stays down
     proc = client.spawn("backup", str(src), key_file)

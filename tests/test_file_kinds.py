@@ -306,6 +306,7 @@ def test_sparse_files_come_back_sparse(tmp_path, client, key_file, server):
     if os.stat(sparse).st_blocks * 512 > 16 * 1024 * 1024:
         pytest.skip("this file system does not keep holes")
     backup_id = backup_id_in(client.run("backup", str(src), key_file, check=True).stdout)
+    server.settled()
     packs = sum(
         os.path.getsize(os.path.join(folder, name))
         for folder, _, names in os.walk(os.path.join(server.repo, "packs"))
@@ -392,6 +393,7 @@ def test_dry_run_says_what_is_new_and_stores_nothing(tmp_path, client, key_file,
     client.backup(str(src), key_file)
     (src / "new.bin").write_bytes(random_bytes(3 * 1024 * 1024, 22))
     listed = client.run("list", check=True).stdout
+    server.settled()
 
     def stored():
         return sorted(

@@ -64,9 +64,11 @@ def test_put_key_backs_up_and_deduplicates_and_master_restores(
     time.sleep(1.2)  # files changed within a second are never cached (racy timestamps)
     original = snapshot_tree(str(src))
     first = client.backup(str(src), put_key)
+    server.settled()
     before = dir_size(os.path.join(server.repo, "packs"))
     again = json.loads(client.run("--json", "backup", str(src), put_key, check=True).stdout)
     assert again["bytes_new"] == 0 and again["files_cached"] > 0
+    server.settled()
     grown = dir_size(os.path.join(server.repo, "packs")) - before
     assert grown < 0.01 * before, (grown, before)
     (src / "d1" / "new.txt").write_text("changed\n")

@@ -242,6 +242,7 @@ def test_damaged_file_with_escape_in_its_name_is_reported_escaped(
     (src / hostile).write_bytes(random_bytes(2 * 1024 * 1024, 31))
     (src / "bystander.txt").write_text("unharmed\n")
     backup_id = client.backup(str(src), key_file)
+    server.settled()
     pack_files = sorted(
         os.path.join(root, name)
         for root, _, files in os.walk(os.path.join(server.repo, "packs"))

@@ -14,7 +14,7 @@ import os
 import re
 import sys
 
-from pysrbup.cli.common import VersionAction, report_error
+from pysrbup.cli.common import VersionAction, exit_quickly, report_error
 from pysrbup.errors import (
     EXIT_OK,
     IncompleteError,
@@ -1112,5 +1112,10 @@ def main(argv: list[str] | None = None) -> int:
         return report_error("pysrbup-client", exc)
 
 
+def run() -> None:
+    """The ``pysrbup-client`` program: ``main()`` with the quick exit (cli/common.py)."""
+    exit_quickly(main)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import atexit
+import contextlib
+import os
 import sys
+import threading
+from collections.abc import Callable
 
 from pysrbup import __version__
 from pysrbup._native import backend_names
@@ -36,3 +41,28 @@ def report_error(program: str, exc: BaseException) -> int:
         return exc.exit_code
     print(f"{program}: error: {type(exc).__name__}: {printable(str(exc))}", file=sys.stderr)
     return EXIT_ERROR
+
+
+def exit_quickly(main: Callable[[], int]) -> None:
+    """Runs ``main()`` and ends the process with its code, skipping the interpreter's teardown.
+
+    Freeing every module, gRPC's core and the heap took 60-150 ms after a
+    command here (a quarter of a small backup; a resumed one pays it too) and
+    does nothing a finished command needs: its files are closed, and stdout,
+    stderr and the atexit handlers are still flushed and run here. Should a
+    thread that is not a daemon still run, the exit waits for it as usual.
+    """
+    code = main() or 0
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:  # the reader went away at the last write: as a shell reports it
+        code = code or 141
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    with contextlib.suppress(OSError, ValueError):
+        sys.stderr.flush()
+    main_thread = threading.main_thread()
+    if any(not t.daemon for t in threading.enumerate() if t is not main_thread):
+        sys.exit(code)
+    atexit._run_exitfuncs()
+    os._exit(code)
