@@ -162,7 +162,12 @@ class Connection:
         # polling thread makes closing the channel take 200 ms, a third of a small restore.)
         try:
             try:
-                self._probe(min(1.0, deadline - time.monotonic()))
+                if not self._probe(min(1.0, deadline - time.monotonic()), wait=False):
+                    # Not up at the first try: a server that is starting, or one in the
+                    # other mode (TLS or plaintext) or with another certificate, which
+                    # is named now instead of after the whole timeout.
+                    security.diagnose()
+                    self._probe(deadline - time.monotonic())
             except grpc.FutureTimeoutError:
                 if not self._connected():
                     # Slow to connect: a server in the other mode (TLS or plaintext) or with
@@ -198,17 +203,23 @@ class Connection:
             ready.cancel()  # unsubscribes, so the polling thread ends before the channel closes
         return True
 
-    def _probe(self, seconds: float) -> None:
-        """Waits up to ``seconds`` for the channel to answer; FutureTimeoutError if not."""
+    def _probe(self, seconds: float, wait: bool = True) -> bool:
+        """Waits up to ``seconds`` for the channel to answer; FutureTimeoutError if not.
+
+        With ``wait`` False, a first connection attempt that fails returns False at once.
+        """
         try:
             self._stub.GetInfo(
-                service_pb2.InfoRequest(), timeout=max(0.01, seconds), wait_for_ready=True
+                service_pb2.InfoRequest(), timeout=max(0.01, seconds), wait_for_ready=wait
             )
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                 raise grpc.FutureTimeoutError() from None
+            if exc.code() == grpc.StatusCode.UNAVAILABLE and not wait:
+                return False
             # Connected, but the call failed (an old server, a refusal): the calls that
             # follow report it in their own words.
+        return True
 
     def close(self) -> None:
         self._watchdog.close()

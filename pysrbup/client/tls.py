@@ -10,7 +10,9 @@ Three modes, chosen by the command line (or ``PYSRBUP_*`` variables):
   with a plain TLS handshake, checked against the fingerprint, and then handed
   to gRPC as the only trusted root, so gRPC itself refuses any server that does
   not hold that certificate's key: nothing is trusted between the check and
-  the channel.
+  the channel. known_servers keeps the certificate beside its fingerprint, so
+  later connections hand it to gRPC at once, with no handshake of their own
+  first (a replaced certificate is then named once gRPC's handshake fails).
 - CA (``--tls-ca FILE``): ordinary verification against that bundle, with
   hostname checks.
 - plaintext (``--plaintext``): no TLS at all.
@@ -242,7 +244,17 @@ class _Tls:
                 time.sleep(0.2)
 
 
-def _read_known(path: str, key: str) -> tuple[int, str] | None:
+@dataclass
+class _Pin:
+    """A ``known_servers`` line: the fingerprint, and the certificate once it was seen."""
+
+    number: int
+    fingerprint: str
+    name: str | None = None  # the host name gRPC checks (see _name_in)
+    der: bytes | None = None  # the certificate itself; its SHA-256 is the fingerprint
+
+
+def _read_known(path: str, key: str) -> _Pin | None:
     try:
         with open(path, encoding="utf-8", errors="replace") as handle:
             lines = handle.read().splitlines()
@@ -254,36 +266,61 @@ def _read_known(path: str, key: str) -> tuple[int, str] | None:
         parts = line.split()
         if len(parts) >= 2 and not parts[0].startswith("#") and parts[0].lower() == key:
             try:
-                return number, parse_fingerprint(parts[1])  # also when edited by hand
+                pin = _Pin(number, parse_fingerprint(parts[1]))  # also when edited by hand
             except UsageError:
-                return number, parts[1]
+                return _Pin(number, parts[1])
+            if len(parts) >= 4:
+                with contextlib.suppress(binascii.Error, ValueError):
+                    der = base64.b64decode(parts[3], validate=True)
+                    if "SHA256:" + hashlib.sha256(der).hexdigest() == pin.fingerprint:
+                        pin.name, pin.der = parts[2], der
+            return pin
     return None
 
 
-def _remember(path: str, key: str, value: str) -> None:
+def _known_line(key: str, fingerprint_text: str, name: str, der: bytes) -> str:
+    return f"{key} {fingerprint_text} {name} {base64.b64encode(der).decode()}\n"
+
+
+def _remember(path: str, line: str, replace: int | None = None) -> None:
+    """Appends ``line`` to known_servers, or puts it in place of line number ``replace``."""
     try:
         os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
+        if replace is not None:
+            with open(path, encoding="utf-8", errors="replace") as handle:
+                lines = handle.read().splitlines(keepends=True)
+            lines[replace - 1] = line
+            tmp = path + ".tmp"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                handle.writelines(lines)
+            os.replace(tmp, path)
+            return
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         with os.fdopen(fd, "a", encoding="utf-8") as handle:
             if handle.tell() == 0:
                 handle.write(
-                    "# pysrbup-client: pinned TLS certificates of servers (address fingerprint)\n"
+                    "# pysrbup-client: pinned TLS certificates of servers "
+                    "(address fingerprint host-name certificate)\n"
                 )
-            handle.write(f"{key} {value}\n")
+            handle.write(line)
     except OSError as exc:
         raise TransportSecurityError(
             f"cannot record the server's certificate in {path}: {exc.strerror}"
         ) from None
 
 
-def pinned_credentials(cert: bytes):
-    """(credentials, options) trusting exactly ``cert`` (PEM or DER) and nothing else."""
+def pinned_credentials(cert: bytes, name: str | None = None):
+    """(credentials, options) trusting exactly ``cert`` (PEM or DER) and nothing else.
+
+    ``name`` is the host name gRPC checks, read from the certificate if not given.
+    """
     import grpc
 
     der = _der(cert)
     pem = ssl.DER_cert_to_PEM_cert(der).encode()
     credentials = grpc.ssl_channel_credentials(root_certificates=pem)
-    return credentials, [("grpc.ssl_target_name_override", _name_in(der))]
+    return credentials, [("grpc.ssl_target_name_override", name or _name_in(der))]
 
 
 def channel_security(
@@ -339,42 +376,27 @@ def channel_security(
 
     probe = _Tls(address, _unverified_context(), None)
     advice = ""
+    pin = None
     if tls_fingerprint:
         expected = parse_fingerprint(tls_fingerprint)
         path = None
         where = f"the expected {expected} ({FINGERPRINT_HINT})"
     else:
         path = os.path.join(directory or config_dir(), KNOWN_SERVERS)
-        known = _read_known(path, probe.key)
-        expected = known[1] if known else None
-        if known:
-            where = f"{expected} pinned on line {known[0]} of {path}"
+        pin = _read_known(path, probe.key)
+        expected = pin.fingerprint if pin else None
+        if pin:
+            where = f"{expected} pinned on line {pin.number} of {path}"
             advice = (
                 "; if its certificate was replaced on purpose, remove that line "
                 f'("{probe.key} {expected}") and connect again'
             )
-    der = probe.fetch_retrying(deadline)
-    got = fingerprint(der)
 
     def refuse(presented: str) -> TransportSecurityError:
         return TransportSecurityError(
             f"the server at {address} presents TLS certificate {presented}, not {where}: "
             f"someone may be intercepting the connection{advice}"
         )
-
-    if expected is not None and got != expected:
-        raise refuse(got)
-    _check_self_signed(der, address)
-    credentials, options = pinned_credentials(der)
-    if expected is None:
-        _remember(path, probe.key, got)
-        print(
-            f"pysrbup-client: pinned the TLS certificate of {probe.key} ({got}) in {path}",
-            file=sys.stderr,
-            flush=True,
-        )
-        expected = got
-        where = f"{expected}, pinned in {path} moments ago"
 
     def diagnose_pinned() -> None:
         try:
@@ -384,6 +406,32 @@ def channel_security(
         if now != expected:
             raise refuse(now)
 
+    if pin is not None and pin.der is not None:
+        # The certificate was seen, checked and kept on first contact: gRPC is handed
+        # it at once, and refuses a server without its key. No handshake of our own
+        # first (nor the x509 parser): diagnose_pinned names a replaced one.
+        credentials, options = pinned_credentials(pin.der, pin.name)
+        return ChannelSecurity(credentials, options, diagnose_pinned, expected)
+
+    der = probe.fetch_retrying(deadline)
+    got = fingerprint(der)
+    if expected is not None and got != expected:
+        raise refuse(got)
+    _check_self_signed(der, address)
+    name = _name_in(der)
+    credentials, options = pinned_credentials(der, name)
+    if path is not None:
+        # Pinned now, or pinned by fingerprint alone (by hand, or by an older client):
+        # the certificate goes with it, so the next connection needs no handshake first.
+        _remember(path, _known_line(probe.key, got, name, der), pin.number if pin else None)
+    if expected is None:
+        print(
+            f"pysrbup-client: pinned the TLS certificate of {probe.key} ({got}) in {path}",
+            file=sys.stderr,
+            flush=True,
+        )
+        expected = got
+        where = f"{expected}, pinned in {path} moments ago"
     return ChannelSecurity(credentials, options, diagnose_pinned, got)
 
 
