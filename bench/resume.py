@@ -18,7 +18,9 @@ The figure is the rerun's wall time as a share of a full backup's (target:
 under 60%, every round). This machine's speed drifts between runs of a few
 seconds (its disk most of all: fsync'ed writes of 512 MiB took 0.24 to 4.4 s
 in one minute here), so each rerun is set against the mean of the full
-backups timed just before and just after it. The table also has what the
+backups timed just before and just after it, and every timed backup starts
+after a ``sync`` (nothing earlier runs or deletions wrote is still being
+written back). The table also has what the
 rerun read and uploaded (its summary) and the killed run plus the rerun as a
 share of one full backup: what an interruption costs in all.
 
@@ -89,6 +91,7 @@ def full_backup(work: str, data: str, threads: int) -> tuple[float, int]:
     """Seconds of a full backup into a fresh repository, and the pack bytes it stored."""
     tool = _tool(work, "full", threads)
     try:
+        os.sync()  # what earlier runs and deletions left to write back is not charged here
         seconds = tool.backup("initial", data).seconds
         return seconds, stored_bytes(tool.repo)
     finally:
@@ -125,6 +128,7 @@ def killed_and_rerun(
             killed = _kill_when(proc, lambda elapsed: elapsed >= seconds)
         else:
             killed = _kill_when(proc, lambda _elapsed: stored_bytes(tool.repo) >= pack_bytes)
+        os.sync()  # as before a full backup
         run, out, _ = compare.wait4_run(tool._client("backup", data, tool.key), tool.env)
         summary = " / ".join(line for line in out.splitlines() if line.startswith("Read"))
         return killed, run.seconds, summary

@@ -45,10 +45,9 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from multiprocessing.connection import wait
 
 from pysrbup._native import chunker
-from pysrbup.client import workers
+from pysrbup.client import ipc, workers
 from pysrbup.client.excludes import Excludes
 from pysrbup.client.file_saver import Block, BlockPool, FileSaver, seal
 from pysrbup.client.filescache import FilesCache
@@ -331,7 +330,7 @@ class Backup:
                     pool.send(worker, ("dir", job, path, descend))
                 if self._fatal is not None:
                     raise self._fatal
-                for conn in wait(pool.conns, timeout=1.0):
+                for conn in ipc.readable(pool.conns, timeout=1.0):
                     worker = pool.conns.index(conn)
                     try:
                         message = conn.recv()
@@ -551,7 +550,8 @@ class Backup:
                 repo.conn, self._sessions, on_durable=self._on_durable, warn=self.warn
             )
             root = make_root()
-            self._stop_workers()
+            if self._pool is not None:  # they end while the snapshot is committed
+                self._pool.ask_to_stop()
             root_tree = self._store(tree.serialize([root]))
             stats = self._uploader.finish()
             self.result.bytes_sent = stats.bytes_sent

@@ -27,7 +27,7 @@ import os
 from dataclasses import dataclass, field
 from functools import cached_property
 
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
@@ -47,9 +47,7 @@ def _derive(master: bytes, label: str) -> bytes:
 
 def public_bytes(private) -> bytes:
     """The raw 32-byte public half of an Ed25519 or X25519 key."""
-    return private.public_key().public_bytes(
-        serialization.Encoding.Raw, serialization.PublicFormat.Raw
-    )
+    return private.public_key().public_bytes_raw()
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,7 @@ from collections.abc import Callable, Mapping
 import blake3
 import zstandard
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
@@ -346,7 +346,7 @@ _SEAL_INFO = b"pysrbup sealed session key"
 
 
 def _raw_public(public: X25519PublicKey) -> bytes:
-    return public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return public.public_bytes_raw()
 
 
 def _seal_key(shared: bytes, ephemeral_public: bytes, seal_public: bytes) -> bytes:
