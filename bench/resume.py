@@ -78,8 +78,15 @@ def stored_bytes(repo: str) -> int:
     return total
 
 
+#: The pysrbup checkout measured (--checkout: e.g. a worktree of an older commit).
+CHECKOUT = compare.ROOT
+
+
 def _tool(work: str, name: str, threads: int) -> compare.Pysrbup:
-    tool = compare.Pysrbup(name, compare.ROOT, work, threads, sys.executable)
+    python = os.path.join(CHECKOUT, ".venv", "bin", "python")
+    if not os.path.exists(python):
+        python = sys.executable
+    tool = compare.Pysrbup(name, CHECKOUT, work, threads, python)
     shutil.rmtree(tool.work, ignore_errors=True)
     tool.setup()
     with open(os.path.join(tool.repo, "init-token")) as handle:
@@ -171,7 +178,14 @@ def main(argv: list[str] | None = None) -> int:
         default="disk",
         help="where the repositories and the data set live (tmpfs needs root)",
     )
+    parser.add_argument(
+        "--checkout",
+        default=compare.ROOT,
+        help="the pysrbup checkout to run (built, with its .venv); default: this one",
+    )
     args = parser.parse_args(argv)
+    global CHECKOUT
+    CHECKOUT = os.path.abspath(args.checkout)
     with _work_dir(args.work, args.repo_fs) as work:
         return _rounds(args, work)
 

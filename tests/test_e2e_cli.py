@@ -206,6 +206,25 @@ def test_unreachable_server(tmp_path, key_file, cache_dir):
         assert_no_traceback(proc)
 
 
+def test_pinned_server_gone_is_one_line(tmp_path, server, cache_dir, key_file):
+    """The server whose certificate is kept in known_servers is down: the channel is tried
+    straight away (no handshake of the client's own first), and gives up in one line."""
+    client = server.client(cache_dir)
+    src = tmp_path / "src"
+    src.mkdir()
+    client.backup(str(src), key_file)  # pins the certificate
+    server.stop()
+    client.env = {**client.env, "PYSRBUP_CONNECT_TIMEOUT": "3"}
+    for args in (("list",), ("backup", str(src), key_file)):
+        proc = client.run(*args, timeout=60)
+        assert proc.returncode == 1
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert lines == [
+            f"pysrbup-client: error: cannot reach the server at {server.address} "
+            "(is pysrbup-server running?)"
+        ], proc.stderr
+
+
 def test_restore_refuses_existing_target_unless_forced(tmp_path, client, key_file):
     src = tmp_path / "src"
     src.mkdir()

@@ -200,8 +200,22 @@ class Connection:
         except grpc.FutureTimeoutError:
             return False
         finally:
-            ready.cancel()  # unsubscribes, so the polling thread ends before the channel closes
+            ready.cancel()  # unsubscribes: the polling thread leaves at its next turn
+            self._await_poller()
         return True
+
+    def _await_poller(self) -> None:
+        """Waits (up to 1 s) for gRPC's connectivity polling thread to leave.
+
+        It looks at the channel every 0.2 s until it notices nobody is subscribed;
+        a channel closed before that makes it die with a traceback on stderr
+        ("ValueError: Cannot invoke RPC: Channel closed!"). gRPC offers no way to
+        join it, so its state's ``polling`` flag is watched (without it: no wait).
+        """
+        state = getattr(self._channel, "_connectivity_state", None)
+        deadline = time.monotonic() + 1.0
+        while getattr(state, "polling", False) and time.monotonic() < deadline:
+            time.sleep(0.01)
 
     def _probe(self, seconds: float, wait: bool = True) -> bool:
         """Waits up to ``seconds`` for the channel to answer; FutureTimeoutError if not.
