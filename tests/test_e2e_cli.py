@@ -59,12 +59,14 @@ def test_dedup_across_backups_stores_once(tmp_path, client, key_file, server):
     src.mkdir()
     (src / "data.bin").write_bytes(random_bytes(6 * 1024 * 1024, 5))
     first = json.loads(client.run("--json", "backup", str(src), key_file, check=True).stdout)
+    server.settled()
     size_after_first = dir_size(server.repo)
     (src / "copy.bin").write_bytes((src / "data.bin").read_bytes())
     second = json.loads(client.run("--json", "backup", str(src), key_file, check=True).stdout)
     assert first["bytes_new"] >= 6 * 1024 * 1024
     assert second["bytes_read"] == 12 * 1024 * 1024
     assert second["bytes_new"] < 64 * 1024  # only the changed directory tree
+    server.settled()
     assert dir_size(server.repo) - size_after_first < 256 * 1024
     for backup_id in (first["backup_id"], second["backup_id"]):
         out = tmp_path / f"out-{backup_id}"

@@ -229,7 +229,7 @@ def test_ecc_level_is_per_pack(tmp_path, client, key_file, server):
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "z.bin").write_bytes(random_bytes(500_000, 3))
     client.backup(str(tmp_path / "c"), key_file)
-    time.sleep(0.5)
+    server.settled()
     assert any(not os.path.exists(ecc.sidecar_path(p)) for p in _packs(server.repo))
     client.run("restore", b_id, str(tmp_path / "out"), key_file, check=True)
 

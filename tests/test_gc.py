@@ -40,6 +40,7 @@ def test_deleting_only_backup_frees_almost_everything(tmp_path, client, key_file
     (src / "a.bin").write_bytes(random_bytes(12 * 1024 * 1024, 1))
     (src / "b.txt").write_text("text " * 100000)
     backup_id = client.backup(str(src), key_file)
+    server.settled()
     before = dir_size(server.repo)
     assert before > 12 * 1024 * 1024
     proc = client.run("--json", "delete", backup_id, key_file, check=True)
@@ -62,6 +63,7 @@ def test_deleting_one_of_two_frees_only_unique_data(tmp_path, client, key_file, 
         sources.append(src)
     keep = client.backup(str(sources[0]), key_file)
     drop = client.backup(str(sources[1]), key_file)
+    server.settled()
     before = _pack_bytes(server.repo)
     report = json.loads(client.run("--json", "delete", drop, key_file, check=True).stdout)
     after = _pack_bytes(server.repo)
@@ -85,6 +87,7 @@ def test_destructive_requests_need_a_valid_fresh_proof(tmp_path, client, key_fil
     src.mkdir()
     (src / "f.bin").write_bytes(random_bytes(200_000, 3))
     backup_id = client.backup(str(src), key_file)
+    server.settled()
     before = dir_size(os.path.join(server.repo, "packs"))
     key = load_key_file(key_file)
     channel, stub = _stub(server)
