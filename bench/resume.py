@@ -136,7 +136,9 @@ def killed_and_rerun(
         else:
             killed = _kill_when(proc, lambda _elapsed: stored_bytes(tool.repo) >= pack_bytes)
         os.sync()  # as before a full backup
-        run, out, _ = compare.wait4_run(tool._client("backup", data, tool.key), tool.env)
+        run, out, _ = compare.wait4_run(
+            tool._client("backup", data, tool.key), tool.env, tool.checkout
+        )
         summary = " / ".join(line for line in out.splitlines() if line.startswith("Read"))
         return killed, run.seconds, summary
     finally:
