@@ -99,13 +99,29 @@ class ServerProcess:
             self.proc.wait()
 
     def settled(self, timeout: float = 30) -> None:
-        """Waits until every pack has left staging for packs/ (a backup's last pack is
-        moved there by a server thread after the backup returned)."""
+        """Waits until every pack has left staging for packs/ with its parity sidecar.
+
+        A backup's last pack is moved there, and its parity written beside it, by a
+        server thread after the backup returned.
+        """
+        from pysrbup.server.ecc import sidecar_path
+
         staging = os.path.join(self.repo, "staging")
+        parity = "--ecc=none" not in self.extra
+
+        def pending() -> list[str]:
+            left = [name for name in os.listdir(staging) if name.endswith(".pack")]
+            for folder, _, names in os.walk(os.path.join(self.repo, "packs")):
+                for name in names:
+                    path = os.path.join(folder, name)
+                    if parity and name.endswith(".pack") and not os.path.exists(sidecar_path(path)):
+                        left.append(path)
+            return left
+
         deadline = time.monotonic() + timeout
-        while any(name.endswith(".pack") for name in os.listdir(staging)):
+        while pending():
             if time.monotonic() > deadline:
-                raise AssertionError(f"packs still staged after {timeout} s: {os.listdir(staging)}")
+                raise AssertionError(f"packs not settled after {timeout} s: {pending()}")
             time.sleep(0.01)
 
     def log(self) -> str:
