@@ -67,26 +67,17 @@ def make_data(root: str, files: int, file_mib: int) -> None:
 
 def stored_bytes(repo: str) -> int:
     """Bytes of pack data the server holds: sealed packs and the staged ones."""
-    total = 0
-    for folder in ("packs", "staging"):
-        for dirpath, _dirs, files in os.walk(os.path.join(repo, folder)):
-            for name in files:
-                if name.endswith(".ecc"):
-                    continue
-                with contextlib.suppress(OSError):
-                    total += os.lstat(os.path.join(dirpath, name)).st_size
-    return total
+    return sum(
+        compare.dir_size(os.path.join(repo, d), skip_suffix=".ecc") for d in ("packs", "staging")
+    )
 
 
-#: The pysrbup checkout measured (--checkout: e.g. a worktree of an older commit).
-CHECKOUT = compare.ROOT
-
-
-def _tool(work: str, name: str, threads: int) -> compare.Pysrbup:
-    python = os.path.join(CHECKOUT, ".venv", "bin", "python")
+def _tool(work: str, name: str, threads: int, checkout: str) -> compare.Pysrbup:
+    """A fresh pysrbup repository and server, run from ``checkout`` (its .venv if it has one)."""
+    python = os.path.join(checkout, ".venv", "bin", "python")
     if not os.path.exists(python):
         python = sys.executable
-    tool = compare.Pysrbup(name, CHECKOUT, work, threads, python)
+    tool = compare.Pysrbup(name, checkout, work, threads, python)
     shutil.rmtree(tool.work, ignore_errors=True)
     tool.setup()
     with open(os.path.join(tool.repo, "init-token")) as handle:
@@ -94,9 +85,9 @@ def _tool(work: str, name: str, threads: int) -> compare.Pysrbup:
     return tool
 
 
-def full_backup(work: str, data: str, threads: int) -> tuple[float, int]:
+def full_backup(work: str, data: str, threads: int, checkout: str) -> tuple[float, int]:
     """Seconds of a full backup into a fresh repository, and the pack bytes it stored."""
-    tool = _tool(work, "full", threads)
+    tool = _tool(work, "full", threads, checkout)
     try:
         os.sync()  # what earlier runs and deletions left to write back is not charged here
         seconds = tool.backup("initial", data).seconds
@@ -116,13 +107,18 @@ def _kill_when(proc: subprocess.Popen, ready) -> float:
 
 
 def killed_and_rerun(
-    work: str, data: str, threads: int, seconds: float | None, pack_bytes: int | None
+    work: str,
+    data: str,
+    threads: int,
+    checkout: str,
+    seconds: float | None,
+    pack_bytes: int | None,
 ) -> tuple[float, float, str]:
     """Kills a backup after ``seconds``, or once it stored ``pack_bytes``, and runs it again.
 
     Returns the seconds the killed run lasted, the rerun's, and the rerun's summary.
     """
-    tool = _tool(work, "resumed", threads)
+    tool = _tool(work, "resumed", threads, checkout)
     try:
         proc = subprocess.Popen(
             tool._client("backup", data, tool.key),
@@ -186,13 +182,12 @@ def main(argv: list[str] | None = None) -> int:
         help="the pysrbup checkout to run (built, with its .venv); default: this one",
     )
     args = parser.parse_args(argv)
-    global CHECKOUT
-    CHECKOUT = os.path.abspath(args.checkout)
     with _work_dir(args.work, args.repo_fs) as work:
         return _rounds(args, work)
 
 
 def _rounds(args, work: str) -> int:
+    checkout = os.path.abspath(args.checkout)
     compare.RUN = compare.Runner(work)
     data = os.path.join(work, "data")
     if not os.path.isdir(data):
@@ -204,16 +199,17 @@ def _rounds(args, work: str) -> int:
     print("|---|---|---|---|---|---|---|")
     shares = []
     try:
-        before, pack_bytes = full_backup(work, data, args.threads)
+        before, pack_bytes = full_backup(work, data, args.threads, checkout)
         for n in range(1, args.rounds + 1):
             killed, rerun, summary = killed_and_rerun(
                 work,
                 data,
                 args.threads,
+                checkout,
                 before / 2 if args.kill_at == "time" else None,
                 pack_bytes // 2 if args.kill_at == "data" else None,
             )
-            after, pack_bytes = full_backup(work, data, args.threads)
+            after, pack_bytes = full_backup(work, data, args.threads, checkout)
             full = statistics.mean((before, after))
             shares.append(rerun / full)
             print(

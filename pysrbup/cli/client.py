@@ -14,7 +14,7 @@ import os
 import re
 import sys
 
-from pysrbup.cli.common import VersionAction, exit_quickly, report_error
+from pysrbup.cli.common import VersionAction, exit_quickly, report_error, stdout_closed
 from pysrbup.errors import (
     EXIT_OK,
     IncompleteError,
@@ -910,14 +910,6 @@ def cmd_check(args) -> int:
     return EXIT_OK
 
 
-def _stdout_closed() -> int:
-    """The reader of stdout went away (``| head``): stop quietly, as ls and cat do."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())  # so that flushing at exit does not fail again
-    os.close(devnull)
-    return 141  # 128 + SIGPIPE: what a shell reports for a process SIGPIPE ended
-
-
 def _print_lines(lines) -> int:
     """Prints each line as it comes (``ls``, ``find`` and ``diff`` stream their output)."""
     out = sys.stdout
@@ -934,7 +926,7 @@ def _print_lines(lines) -> int:
             out.write("\n".join(batch))
         out.flush()
     except BrokenPipeError:
-        return _stdout_closed()
+        return stdout_closed()
     return EXIT_OK
 
 
@@ -993,7 +985,7 @@ def cmd_dump(args) -> int:
             browse.dump(browse.Trees(repo), record, backup_id, args.path, out, args.archive, _warn)
             out.flush()
         except BrokenPipeError:
-            return _stdout_closed()
+            return stdout_closed()
     return EXIT_OK
 
 

@@ -43,6 +43,15 @@ def report_error(program: str, exc: BaseException) -> int:
     return EXIT_ERROR
 
 
+def stdout_closed() -> int:
+    """The reader of stdout went away (``| head``): stop quietly, as ls and cat do."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so that flushing at exit does not fail again
+        os.close(devnull)
+    return 141  # 128 + SIGPIPE: what a shell reports for a process SIGPIPE ended
+
+
 def exit_quickly(main: Callable[[], int]) -> None:
     """Runs ``main()`` and ends the process with its code, skipping the interpreter's teardown.
 
@@ -55,10 +64,9 @@ def exit_quickly(main: Callable[[], int]) -> None:
     code = main() or 0
     try:
         sys.stdout.flush()
-    except BrokenPipeError:  # the reader went away at the last write: as a shell reports it
-        code = code or 141
-        with contextlib.suppress(OSError, ValueError):
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except BrokenPipeError:  # the reader went away at the last write
+        closed = stdout_closed()
+        code = code or closed
     with contextlib.suppress(OSError, ValueError):
         sys.stderr.flush()
     main_thread = threading.main_thread()

@@ -162,20 +162,17 @@ class Connection:
         # polling thread makes closing the channel take 200 ms, a third of a small restore.)
         try:
             try:
-                if not self._probe(min(1.0, deadline - time.monotonic()), wait=False):
-                    # Not up at the first try: a server that is starting, or one in the
-                    # other mode (TLS or plaintext) or with another certificate, which
-                    # is named now instead of after the whole timeout.
-                    security.diagnose()
-                    self._probe(deadline - time.monotonic())
+                answered = self._probe(min(1.0, deadline - time.monotonic()), wait=False)
             except grpc.FutureTimeoutError:
-                if not self._connected():
-                    # Slow to connect: a server in the other mode (TLS or plaintext) or with
-                    # another certificate is named now instead of after the whole timeout.
-                    security.diagnose()
-                    self._probe(deadline - time.monotonic())
-                else:  # connected, but slow to answer: as long as any call may take
+                answered = self._connected()
+                if answered:  # connected, but slow to answer: as long as any call may take
                     self._probe(RPC_TIMEOUT)
+            if not answered:
+                # Not up at the first try or within a second: a server that is starting,
+                # or one in the other mode (TLS or plaintext) or with another certificate,
+                # which is named now instead of after the whole timeout.
+                security.diagnose()
+                self._probe(deadline - time.monotonic())
         except grpc.FutureTimeoutError:
             connected = self._connected()
             self._channel.close()

@@ -272,7 +272,7 @@ def _read_known(path: str, key: str) -> _Pin | None:
             if len(parts) >= 4:
                 with contextlib.suppress(binascii.Error, ValueError):
                     der = base64.b64decode(parts[3], validate=True)
-                    if "SHA256:" + hashlib.sha256(der).hexdigest() == pin.fingerprint:
+                    if fingerprint(der) == pin.fingerprint:
                         pin.name, pin.der = parts[2], der
             return pin
     return None

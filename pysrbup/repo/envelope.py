@@ -44,6 +44,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from pysrbup.crypto.keys import public_bytes
 from pysrbup.errors import IntegrityError, WrongKeyError
 from pysrbup.fileio import read_into
 from pysrbup.repo.wire import KEY_ID_SIZE
@@ -345,10 +346,6 @@ SEALED_SIZE = 1 + 32 + NONCE_SIZE + 32 + TAG_SIZE
 _SEAL_INFO = b"pysrbup sealed session key"
 
 
-def _raw_public(public: X25519PublicKey) -> bytes:
-    return public.public_bytes_raw()
-
-
 def _seal_key(shared: bytes, ephemeral_public: bytes, seal_public: bytes) -> bytes:
     return HKDF(hashes.SHA256(), 32, salt=None, info=_SEAL_INFO).derive(
         shared + ephemeral_public + seal_public
@@ -362,7 +359,7 @@ def seal_session_key(seal_public: bytes, key_id: bytes, session_key: bytes) -> b
     open the result again.
     """
     ephemeral = X25519PrivateKey.generate()
-    ephemeral_public = _raw_public(ephemeral.public_key())
+    ephemeral_public = public_bytes(ephemeral)
     shared = ephemeral.exchange(X25519PublicKey.from_public_bytes(seal_public))
     nonce = os.urandom(NONCE_SIZE)
     sealed = AESGCM(_seal_key(shared, ephemeral_public, seal_public)).encrypt(
@@ -381,7 +378,7 @@ def open_session_key(
         raise WrongKeyError("a session key sealed by a put-only client needs the master key")
     ephemeral_public = stored[1:33]
     nonce = stored[33 : 33 + NONCE_SIZE]
-    seal_public = _raw_public(seal_private.public_key())
+    seal_public = public_bytes(seal_private)
     try:
         shared = seal_private.exchange(X25519PublicKey.from_public_bytes(ephemeral_public))
         key = AESGCM(_seal_key(shared, ephemeral_public, seal_public)).decrypt(
